@@ -1,0 +1,115 @@
+// GGUF block layouts for the four expert types of a Q4_K_M file, defined once for all C++/CUDA
+// code. The Python twin is hybrimoe/formats.py (numpy structured dtypes with the same fields).
+// Facts from llama.cpp's ggml-common.h; the code is ours.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define HM_HD __host__ __device__ __forceinline__
+#else
+#define HM_HD inline
+#endif
+
+namespace hybrimoe {
+
+constexpr int QK_K = 256;         // weights per super-block (Q4_K, Q6_K)
+constexpr int K_SCALE_SIZE = 12;  // bytes of packed 6-bit scales/mins in Q4_K
+constexpr int QK5_0 = 32;         // weights per Q5_0 block
+constexpr int QK8_0 = 32;         // weights per Q8_0 block
+
+using half_bits = uint16_t;       // IEEE fp16 stored as raw bits
+
+// Q4_K: 8 sub-blocks of 32; w = d*sc[j]*q - dmin*m[j], q in 0..15, sc/m 6-bit.
+struct block_q4_K {
+    half_bits d;                  // super-block scale for the 6-bit scales
+    half_bits dmin;               // super-block scale for the 6-bit mins
+    uint8_t scales[K_SCALE_SIZE]; // 8 scales + 8 mins, 6 bits each, packed (see get_scale_min_k4)
+    uint8_t qs[QK_K / 2];         // 4-bit quants: byte l of chunk c holds elems 64c+l (low) and 64c+32+l (high)
+};
+// Q6_K: 16 sub-blocks of 16; w = d*scales[j]*(q-32), q 6-bit (4 low bits in ql, 2 high in qh).
+struct block_q6_K {
+    uint8_t ql[QK_K / 2];
+    uint8_t qh[QK_K / 4];
+    int8_t scales[QK_K / 16];
+    half_bits d;
+};
+// Q5_0: w = d*(q-16), q 5-bit: low nibbles in qs (elem l low, elem l+16 high), 5th bits in qh.
+struct block_q5_0 {
+    half_bits d;
+    uint8_t qh[4];
+    uint8_t qs[QK5_0 / 2];
+};
+// Q8_0: w = d*q, q int8.
+struct block_q8_0 {
+    half_bits d;
+    int8_t qs[QK8_0];
+};
+
+static_assert(sizeof(block_q4_K) == 144, "block_q4_K must be 144 bytes (GGUF layout)");
+static_assert(sizeof(block_q6_K) == 210, "block_q6_K must be 210 bytes (GGUF layout)");
+static_assert(sizeof(block_q5_0) == 22, "block_q5_0 must be 22 bytes (GGUF layout)");
+static_assert(sizeof(block_q8_0) == 34, "block_q8_0 must be 34 bytes (GGUF layout)");
+
+// GGML type ids (gguf.GGMLQuantizationType) of the expert formats.
+enum class QType : int { Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
+
+// The one place the Q4_K 6-bit scale/min unpacking is written in C++: sub-block j (0..7).
+HM_HD void get_scale_min_k4(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// fp16 bits -> float, portable (no F16C needed), exact for all finite values, inf and nan.
+HM_HD float half_to_float(half_bits h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1F;
+    uint32_t mant = h & 0x3FF;
+    uint32_t bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else {  // subnormal: normalise
+            exp = 127 - 15 + 1;
+            while ((mant & 0x400) == 0) { mant <<= 1; --exp; }
+            mant &= 0x3FF;
+            bits = sign | (exp << 23) | (mant << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7F800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+#if defined(__CUDACC__)
+    f = __uint_as_float(bits);
+#else
+    std::memcpy(&f, &bits, sizeof(f));
+#endif
+    return f;
+}
+
+// Bytes and elements per block, by type id; 0 for types that are not expert formats here.
+HM_HD int block_bytes(int qtype) {
+    switch (qtype) {
+        case (int)QType::Q4_K: return (int)sizeof(block_q4_K);
+        case (int)QType::Q6_K: return (int)sizeof(block_q6_K);
+        case (int)QType::Q5_0: return (int)sizeof(block_q5_0);
+        case (int)QType::Q8_0: return (int)sizeof(block_q8_0);
+        default: return 0;
+    }
+}
+HM_HD int block_elems(int qtype) {
+    switch (qtype) {
+        case (int)QType::Q4_K: case (int)QType::Q6_K: return QK_K;
+        case (int)QType::Q5_0: case (int)QType::Q8_0: return 32;
+        default: return 0;
+    }
+}
+
+}  // namespace hybrimoe
