@@ -76,9 +76,10 @@ setup(
         "gguf>=0.17",
         "transformers>=5.0",
         "tqdm",
+        # Triton kernels run on GPUs and, for tests, in Triton's CPU interpreter (Linux wheels).
+        "triton>=3.2; platform_system == 'Linux'",
     ],
     extras_require={
-        "gpu": ["triton>=3.2"],
         "test": ["pytest>=8", "matplotlib"],
         "plot": ["matplotlib"],
     },

@@ -1,0 +1,294 @@
+"""Open a GGUF MoE model: metadata, MoE hyper-parameters and tensors, with clean errors.
+
+`GGUFModel(path)` memory-maps the file once through `gguf.GGUFReader` (nothing is read twice:
+tensor data stay views into the map). Supported architectures and what differs between them:
+
+    arch       routing                      top-k weights           shared experts
+    deepseek2  softmax (or sigmoid if set)  renormalised if set     ffn_*_shexp (no gate)
+    qwen2moe   softmax                      not renormalised        ffn_*_shexp, sigmoid gate
+    qwen3moe   softmax                      renormalised            none
+    llama      softmax (Mixtral)            renormalised            none
+    olmoe      softmax                      not renormalised        none
+
+Every error names the file and the key or tensor, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize as _gguf_dequantize
+
+from .errors import GGUFFormatError, ModelConfigError, QuantShapeError, UnsupportedQuantError
+
+SUPPORTED_ARCHS = ("deepseek2", "qwen2moe", "qwen3moe", "llama", "olmoe")
+
+# Per-arch defaults where the GGUF converter does not write a key.
+_ROUTING_DEFAULTS = {
+    # arch: (renormalise top-k weights, shared expert has a sigmoid gate)
+    "deepseek2": (False, False),
+    "qwen2moe": (False, True),
+    "qwen3moe": (True, False),
+    "llama": (True, False),
+    "olmoe": (False, False),
+}
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """MoE hyper-parameters of a model, read from GGUF metadata.
+
+    moe_layers: indices of the blocks whose FFN is a routed MoE (deepseek2's first
+    `leading_dense_block_count` blocks are dense).
+    """
+
+    arch: str
+    n_layers: int
+    hidden: int
+    n_experts: int
+    top_k: int
+    expert_ffn: int
+    n_shared: int = 0
+    shared_ffn: int = 0
+    shared_gate: bool = False
+    gating: str = "softmax"  # or "sigmoid"
+    norm_topk: bool = False
+    routed_scale: float = 1.0
+    leading_dense: int = 0
+    dense_ffn: int = 0
+    vocab_size: int = 0
+    n_heads: int = 0
+    n_kv_heads: int = 0
+    context_length: int = 0
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(range(self.leading_dense, self.n_layers))
+
+
+class _CheckedReader(GGUFReader):
+    """GGUFReader that checks every tensor's type and byte range before building views, so a
+    lying header ends in a GGUFFormatError naming the tensor, never a huge allocation."""
+
+    def __init__(self, path: str):
+        self._hm_path = path
+        super().__init__(path, "r")
+
+    def _build_tensors(self, start_offs, fields):  # noqa: D401 - overrides gguf internals
+        size = len(self.data)
+        for f in fields:
+            _nl, name_data, _nd, dims, raw_dtype, offset_tensor = f.parts
+            name = bytes(name_data).decode("utf-8", "replace")
+            try:
+                qt = GGMLQuantizationType(int(raw_dtype[0]))
+            except ValueError:
+                raise UnsupportedQuantError(
+                    f"{self._hm_path}: tensor {name!r} has unknown ggml type id {int(raw_dtype[0])}"
+                ) from None
+            bs, ts = GGML_QUANT_SIZES[qt]
+            dims_l = [int(d) for d in dims]
+            if not dims_l or any(d <= 0 for d in dims_l):
+                raise GGUFFormatError(f"{self._hm_path}: tensor {name!r} has invalid dims {dims_l}")
+            if dims_l[0] % bs:
+                raise QuantShapeError(
+                    f"{self._hm_path}: tensor {name!r}: row length {dims_l[0]} is not a multiple of "
+                    f"{qt.name}'s block size {bs}"
+                )
+            n = 1
+            for d in dims_l:
+                n *= d
+            nbytes = n * ts // bs
+            off = int(start_offs) + int(offset_tensor[0])
+            if off + nbytes > size:
+                raise GGUFFormatError(
+                    f"{self._hm_path}: tensor {name!r} data [{off}, {off + nbytes}) runs past the end "
+                    f"of the file ({size} bytes): truncated or corrupt file"
+                )
+        super()._build_tensors(start_offs, fields)
+
+
+class GGUFModel:
+    """A memory-mapped GGUF file with MoE metadata.
+
+    Attributes: path, reader (gguf.GGUFReader), arch, config (MoEConfig), tensors (name -> ReaderTensor).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file")
+        if os.path.isdir(path):
+            raise GGUFFormatError(f"{path}: is a directory, expected a .gguf file")
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic != b"GGUF":
+            raise GGUFFormatError(f"{path}: not a GGUF file (expected magic b'GGUF', found {magic!r})")
+        try:
+            self.reader = _CheckedReader(path)
+        except (GGUFFormatError, UnsupportedQuantError, QuantShapeError):
+            raise
+        except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
+            raise GGUFFormatError(f"{path}: unreadable GGUF header or tensor table ({type(e).__name__}: {e}); "
+                                  "the file is truncated or corrupt") from None
+        self.path = path
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.arch = self.get("general.architecture", str)
+        self.config = self._read_config()
+
+    # ---- metadata -------------------------------------------------------------------------
+    _MISSING = object()
+
+    def get(self, key: str, typ=None, default=_MISSING):
+        """Metadata value for `key` (arrays as lists); raises ModelConfigError if absent and no default."""
+        f = self.reader.fields.get(key)
+        if f is None:
+            if default is GGUFModel._MISSING:
+                raise ModelConfigError(f"{self.path}: metadata key {key!r} is missing")
+            return default
+        val = f.contents()
+        if typ is not None and val is not None:
+            try:
+                val = typ(val)
+            except (TypeError, ValueError):
+                raise ModelConfigError(f"{self.path}: metadata key {key!r}: expected {typ.__name__}, "
+                                       f"found {val!r}") from None
+        return val
+
+    def _key(self, suffix: str, typ=int, default=_MISSING):
+        return self.get(f"{self.arch}.{suffix}", typ, default)
+
+    def _read_config(self) -> MoEConfig:
+        arch = self.arch
+        if arch not in SUPPORTED_ARCHS:
+            raise ModelConfigError(
+                f"{self.path}: general.architecture is {arch!r}; supported MoE architectures are "
+                f"{', '.join(SUPPORTED_ARCHS)}"
+            )
+        n_experts = self._key("expert_count", int, 0)
+        if n_experts <= 0:
+            raise ModelConfigError(
+                f"{self.path}: {arch}.expert_count is {n_experts}: this model has no experts "
+                "(expected a Mixture-of-Experts model)"
+            )
+        n_layers = self._key("block_count")
+        hidden = self._key("embedding_length")
+        top_k = self._key("expert_used_count")
+        if not 0 < top_k <= n_experts:
+            raise ModelConfigError(f"{self.path}: {arch}.expert_used_count must be in 1..{n_experts}, found {top_k}")
+        ffn = self._key("feed_forward_length", int, 0)
+        expert_ffn = self._key("expert_feed_forward_length", int, 0) or ffn
+        norm_default, shared_gate = _ROUTING_DEFAULTS[arch]
+        gating_id = self._key("expert_gating_func", int, 1)
+        n_shared = self._key("expert_shared_count", int, 0)
+        shared_ffn = self._key("expert_shared_feed_forward_length", int, 0)
+        if arch == "deepseek2" and n_shared:
+            shared_ffn = shared_ffn or n_shared * expert_ffn
+        if arch == "qwen2moe" and f"blk.0.ffn_up_shexp.weight" in self.tensors:
+            n_shared = n_shared or 1
+            shared_ffn = shared_ffn or int(self.tensors["blk.0.ffn_up_shexp.weight"].shape[1])
+        n_heads = self._key("attention.head_count", int, 0)
+        cfg = MoEConfig(
+            arch=arch,
+            n_layers=n_layers,
+            hidden=hidden,
+            n_experts=n_experts,
+            top_k=top_k,
+            expert_ffn=expert_ffn,
+            n_shared=n_shared,
+            shared_ffn=shared_ffn,
+            shared_gate=shared_gate and n_shared > 0,
+            gating={1: "softmax", 2: "sigmoid"}.get(gating_id, "softmax"),
+            norm_topk=bool(self._key("expert_weights_norm", bool, norm_default)),
+            routed_scale=float(self._key("expert_weights_scale", float, 1.0)),
+            leading_dense=self._key("leading_dense_block_count", int, 0),
+            dense_ffn=ffn,
+            vocab_size=self._key("vocab_size", int, 0) or self._vocab_from_tokens(),
+            n_heads=n_heads,
+            n_kv_heads=self._key("attention.head_count_kv", int, n_heads),
+            context_length=self._key("context_length", int, 0),
+            rope_theta=float(self._key("rope.freq_base", float, 10000.0)),
+            rms_eps=float(self._key("attention.layer_norm_rms_epsilon", float, 1e-6)),
+        )
+        self._check_experts(cfg)
+        return cfg
+
+    def _vocab_from_tokens(self) -> int:
+        f = self.reader.fields.get("tokenizer.ggml.tokens")
+        if f is not None:
+            return len(f.data)
+        t = self.tensors.get("token_embd.weight")
+        return int(t.shape[1]) if t is not None else 0
+
+    def _check_experts(self, cfg: MoEConfig) -> None:
+        found_any = False
+        for layer in cfg.moe_layers:
+            for which, rows, cols in (("gate", cfg.expert_ffn, cfg.hidden), ("up", cfg.expert_ffn, cfg.hidden),
+                                      ("down", cfg.hidden, cfg.expert_ffn)):
+                name = f"blk.{layer}.ffn_{which}_exps.weight"
+                t = self.tensors.get(name)
+                if t is None:
+                    raise ModelConfigError(f"{self.path}: expert tensor {name!r} is missing "
+                                           f"(layer {layer} should be MoE: {cfg.arch}.block_count={cfg.n_layers}, "
+                                           f"leading_dense_block_count={cfg.leading_dense})")
+                found_any = True
+                want = (cols, rows, cfg.n_experts)  # GGUF order: ne0 = row length
+                got = tuple(int(d) for d in t.shape)
+                if got != want:
+                    raise ModelConfigError(
+                        f"{self.path}: tensor {name!r} has dims {got}, expected {want} "
+                        f"(row length, rows, experts) from metadata expert_count={cfg.n_experts}, "
+                        f"embedding_length={cfg.hidden}, expert_feed_forward_length={cfg.expert_ffn}"
+                    )
+            router = self.tensors.get(f"blk.{layer}.ffn_gate_inp.weight")
+            if router is None:
+                raise ModelConfigError(f"{self.path}: router tensor 'blk.{layer}.ffn_gate_inp.weight' is missing")
+            if tuple(int(d) for d in router.shape) != (cfg.hidden, cfg.n_experts):
+                raise ModelConfigError(
+                    f"{self.path}: router 'blk.{layer}.ffn_gate_inp.weight' has dims "
+                    f"{tuple(int(d) for d in router.shape)}, expected ({cfg.hidden}, {cfg.n_experts}): "
+                    "inconsistent expert counts"
+                )
+        if not found_any:
+            raise ModelConfigError(f"{self.path}: no routed-expert tensors found")
+
+    # ---- tensors ------------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def tensor_info(self, name: str):
+        t = self.tensors.get(name)
+        if t is None:
+            raise ModelConfigError(f"{self.path}: tensor {name!r} is missing")
+        return t
+
+    def raw(self, name: str) -> np.ndarray:
+        """Zero-copy view of a tensor's bytes/values as gguf lays them out (numpy order)."""
+        return self.tensor_info(name).data
+
+    def dequant(self, name: str) -> np.ndarray:
+        """Tensor as float32 in numpy order (e.g. a (out, in) weight matrix), through gguf."""
+        t = self.tensor_info(name)
+        try:
+            out = _gguf_dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise UnsupportedQuantError(f"{self.path}: tensor {name!r}: cannot dequantize "
+                                        f"{t.tensor_type.name}") from None
+        out = np.asarray(out, dtype=np.float32)
+        return out if out.flags.writeable else out.copy()  # F32 tensors come back as read-only map views
+
+    @cached_property
+    def chat_template(self) -> str | None:
+        return self.get("tokenizer.chat_template", str, None)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"GGUFModel({os.path.basename(self.path)!r}, arch={c.arch}, layers={c.n_layers}, "
+                f"hidden={c.hidden}, experts={c.n_experts} top-{c.top_k}, expert_ffn={c.expert_ffn}, "
+                f"shared={c.n_shared})")
