@@ -29,6 +29,7 @@ class ExpertLayout:
     gate_type: int
     up_type: int
     down_type: int
+    pad_to: int = 0  # minimum slot size: a byte budget shared by layers uses one slot size for all
 
     @property
     def gate_bytes(self) -> int:
@@ -56,8 +57,8 @@ class ExpertLayout:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of one expert slot (gate, up, down, each aligned)."""
-        return self.down_offset + _align(self.down_bytes)
+        """Bytes of one expert slot (gate, up, down, each aligned; at least pad_to)."""
+        return max(self.down_offset + _align(self.down_bytes), _align(self.pad_to))
 
     @property
     def weight_bytes(self) -> int:

@@ -1,0 +1,29 @@
+"""Shared test fixtures (kept small and generic)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# CI clones the repository next to shared/, so shared/ is two levels above this file.
+GOLDEN_DIR = Path(__file__).resolve().parents[2] / "shared" / "golden"
+GOLDEN_QUANT = GOLDEN_DIR / "llamacpp_quant_vectors.npz"
+
+
+@pytest.fixture(scope="session")
+def golden():
+    """llama.cpp's reference quantizer vectors: keys '<TYPE>/<case>/{x,q,deq}' (see its README)."""
+    if not GOLDEN_QUANT.is_file():
+        pytest.skip(f"golden vectors not found at {GOLDEN_QUANT} (shared/ is not next to the repo)")
+    with np.load(GOLDEN_QUANT) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh, unseeded generator; its seed is printed so a failure can be reproduced."""
+    seed = int(np.random.SeedSequence().entropy % (2**63))
+    print(f"[{request.node.name}] rng seed = {seed}")
+    return np.random.default_rng(seed)
