@@ -1,0 +1,298 @@
+"""Which routed experts live in GPU slots, and which one leaves when a new one comes in.
+
+Policies (one implementation each, shared by the runtime layer and the simulator):
+
+    mrs     Minus Recent Score (HybriMoE sec. 4.3): per (layer, expert) a score
+                S <- a * TopP(s) + (1 - a) * S
+            where s is the router's softmax over all E experts and TopP keeps the p largest
+            entries of s and zeroes the rest; evict the resident expert with the lowest S.
+            a = 0.5 and p = 2 * top_k are the values of the released code (KScoreAwareCache(...,
+            0.5, 2 * top_k) in PKU-SEC-Lab/HybriMoE modeling_deepseek.py). For T > 1 tokens the
+            update uses the mean over tokens of TopP(s_t) (the released code used token 0 only).
+    lru     evict the least recently used (access or admission) expert.
+    lfu     evict the expert with the fewest accesses since start (counts survive eviction:
+            "perfect" LFU); ties go to the least recently used.
+    static  a fixed hot set (the `capacity` most-counted experts of `static_counts`, e.g. from a
+            warm-up trace or a routing-counts prior); nothing is ever admitted or evicted.
+
+Budget: either `capacity` experts per layer (an int, or one int per layer), each layer with its
+own slots numbered 0..capacity[layer]-1 (LAYER-LOCAL slot ids), or one `byte_budget` shared by all
+layers: the arena has byte_budget // max(expert_bytes) equal slots numbered 0..n-1 (GLOBAL slot
+ids; one slot holds any layer's expert, so layers with smaller experts waste the difference),
+and eviction picks the victim across all layers.
+
+Warm start at construction: `warm="first"` fills each layer's slots with experts 0, 1, 2, ...
+(what the released code does while loading weights: experts are loaded in index order until the
+slots run out); `warm="counts"` fills with the most-counted experts of `prior_counts`; "none"
+starts empty. In shared mode the fill goes round-robin over layers (rank 0 of every layer first).
+
+Pinning: `pin(layer, experts)` protects experts the current layer is computing from eviction until
+`unpin`; `admit` never evicts a pinned expert, nor one in its `protect` argument. When every
+resident expert of the pool is protected, `admit` returns (None, None) ("bypass": the caller uses
+a transient buffer and the expert is not cached).
+
+Statistics (`stats()`): hits / misses (counted by `access`, once per activated expert and step),
+evictions, bypass, prefetch_used (a prefetched expert hit before eviction), prefetch_wasted
+(a prefetched expert evicted before any hit), prefetch_pending (prefetched, not yet decided).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import HybrimoeError
+
+POLICIES = ("mrs", "lru", "lfu", "static")
+
+Key = tuple  # (layer, expert)
+
+
+class CacheConfigError(HybrimoeError, ValueError):
+    """Bad cache configuration: unknown policy, no budget, counts of the wrong shape."""
+
+
+def top_p_mask(scores: np.ndarray, p: int) -> np.ndarray:
+    """scores (T, E) -> same shape with all but the p largest entries of each row set to 0."""
+    if p >= scores.shape[1]:
+        return scores
+    out = np.zeros_like(scores)
+    idx = np.argpartition(-scores, p - 1, axis=1)[:, :p]
+    np.put_along_axis(out, idx, np.take_along_axis(scores, idx, axis=1), axis=1)
+    return out
+
+
+class ExpertCache:
+    """GPU-resident routed experts of one model.
+
+    n_layers, n_experts: MoE layers (indexed 0..n_layers-1 as the caller numbers them) and routed
+    experts per layer. Give `capacity` (int or per-layer ints) or `byte_budget` + `expert_bytes`
+    (int or per-layer ints). See the module docstring for policies, warm start and slots.
+    """
+
+    def __init__(self, n_layers: int, n_experts: int, *, capacity: int | Sequence[int] | None = None,
+                 byte_budget: int | None = None, expert_bytes: int | Sequence[int] | None = None,
+                 policy: str = "mrs", alpha: float = 0.5, top_p: int | None = None, top_k: int = 2,
+                 static_counts: np.ndarray | None = None, warm: str = "first",
+                 prior_counts: np.ndarray | None = None):
+        if policy not in POLICIES:
+            raise CacheConfigError(f"unknown cache policy {policy!r} (expected one of {POLICIES})")
+        if (capacity is None) == (byte_budget is None):
+            raise CacheConfigError("give exactly one of capacity (experts per layer) or byte_budget (bytes)")
+        if not 0.0 < alpha <= 1.0:
+            raise CacheConfigError(f"alpha must be in (0, 1], found {alpha}")
+        self.n_layers, self.n_experts, self.policy = n_layers, n_experts, policy
+        self.alpha = float(alpha)
+        self.top_p = int(top_p) if top_p else min(n_experts, 2 * top_k)
+        self.shared = byte_budget is not None
+        if self.shared:
+            if expert_bytes is None:
+                raise CacheConfigError("byte_budget needs expert_bytes (per expert, int or one per layer)")
+            eb = np.broadcast_to(np.asarray(expert_bytes, np.int64), (n_layers,))
+            self.slot_bytes = int(eb.max())
+            self.byte_budget = int(byte_budget)
+            caps = [self.byte_budget // self.slot_bytes]
+        else:
+            caps = list(np.broadcast_to(np.asarray(capacity, np.int64), (n_layers,)))
+            eb = np.broadcast_to(np.asarray(expert_bytes if expert_bytes is not None else 1, np.int64),
+                                 (n_layers,))
+            self.slot_bytes = None
+        self.expert_bytes = tuple(int(x) for x in eb)
+        if min(caps) < 0:
+            raise CacheConfigError(f"capacity must be >= 0, found {caps}")
+        self.capacity = tuple(int(c) for c in caps)  # per pool
+        # pool state: resident {(layer, expert): slot}, free slot ids
+        self._res: list[dict] = [dict() for _ in caps]
+        self._free: list[list[int]] = [list(range(c - 1, -1, -1)) for c in caps]  # pop() -> lowest id
+        self.scores = np.zeros((n_layers, n_experts), np.float64)  # MRS S
+        self.freq = np.zeros((n_layers, n_experts), np.int64)  # LFU counts (accesses)
+        self._last: dict = {}  # (layer, expert) -> tick of last access/admission (LRU)
+        self._tick = 0
+        self._pinned: set = set()
+        self._prefetched: set = set()
+        self.hits = self.misses = self.evictions = self.bypass = 0
+        self.prefetch_used = self.prefetch_wasted = 0
+        self._hot: set | None = None
+        if policy == "static":
+            if static_counts is None:
+                raise CacheConfigError("policy 'static' needs static_counts (n_layers, n_experts)")
+            self._hot = set(self._ranked(self._check_counts(static_counts, "static_counts")))
+            for key in self._ranked(static_counts):
+                self._place(key)
+        elif warm == "first":
+            order = np.tile(np.arange(n_experts), (n_layers, 1)).astype(float)
+            self._fill(-order)
+        elif warm == "counts":
+            if prior_counts is None:
+                raise CacheConfigError("warm='counts' needs prior_counts (n_layers, n_experts)")
+            self._fill(self._check_counts(prior_counts, "prior_counts"))
+        elif warm != "none":
+            raise CacheConfigError(f"unknown warm start {warm!r} (expected 'first', 'counts' or 'none')")
+
+    # ---------------------------------------------------------------------------- helpers
+    def _check_counts(self, c, name) -> np.ndarray:
+        c = np.asarray(c, float)
+        if c.shape != (self.n_layers, self.n_experts):
+            raise CacheConfigError(f"{name}: expected shape {(self.n_layers, self.n_experts)}, found {c.shape}")
+        return c
+
+    def _pool(self, layer: int) -> int:
+        return 0 if self.shared else layer
+
+    def _ranked(self, counts) -> list:
+        """Keys that a fill by `counts` (higher first, lower expert id on ties) would place."""
+        counts = np.asarray(counts, float)
+        out = []
+        if self.shared:
+            # round-robin over layers: rank r of every layer before rank r + 1 of any layer
+            orders = [np.lexsort((np.arange(self.n_experts), -counts[layer])) for layer in range(self.n_layers)]
+            for r in range(self.n_experts):
+                out += [(layer, int(orders[layer][r])) for layer in range(self.n_layers)]
+            return out[: self.capacity[0]]
+        for layer in range(self.n_layers):
+            order = np.lexsort((np.arange(self.n_experts), -counts[layer]))
+            out += [(layer, int(e)) for e in order[: self.capacity[layer]]]
+        return out
+
+    def _fill(self, counts) -> None:
+        for key in self._ranked(counts):
+            self._place(key)
+
+    def _place(self, key) -> int:
+        pool = self._pool(key[0])
+        slot = self._free[pool].pop()
+        self._res[pool][key] = slot
+        self._last[key] = self._tick
+        return slot
+
+    # ---------------------------------------------------------------------------- queries
+    def contains(self, layer: int, expert: int) -> bool:
+        return (layer, expert) in self._res[self._pool(layer)]
+
+    def lookup(self, layer: int, expert: int) -> int | None:
+        """Slot of a resident expert, else None. Pure: changes no statistic or recency."""
+        return self._res[self._pool(layer)].get((layer, expert))
+
+    def resident(self, layer: int) -> dict[int, int]:
+        """{expert: slot} of the layer's resident experts."""
+        return {e: s for (lay, e), s in self._res[self._pool(layer)].items() if lay == layer}
+
+    def n_resident(self, layer: int | None = None) -> int:
+        if layer is None:
+            return sum(len(r) for r in self._res)
+        return len(self.resident(layer))
+
+    def occupancy_bytes(self) -> int:
+        if self.shared:
+            return len(self._res[0]) * self.slot_bytes
+        return sum(self.expert_bytes[lay] for r in self._res for (lay, _) in r)
+
+    def budget_bytes(self) -> int:
+        if self.shared:
+            return self.byte_budget
+        return sum(c * b for c, b in zip(self.capacity, self.expert_bytes))
+
+    def can_admit(self, layer: int, expert: int, protect: Iterable[int] = ()) -> bool:
+        """Would `admit` place this expert (already resident counts as yes)?"""
+        if self.contains(layer, expert):
+            return True
+        if self._hot is not None:
+            return False
+        pool = self._pool(layer)
+        return bool(self._free[pool]) or self._victim(pool, {(layer, e) for e in protect}) is not None
+
+    # ---------------------------------------------------------------------------- updates
+    def observe(self, layer: int, scores: np.ndarray) -> None:
+        """Router probabilities of the layer's tokens, scores (T, E) float. Updates MRS scores."""
+        s = np.asarray(scores, np.float64)
+        if s.ndim == 1:
+            s = s[None]
+        if s.shape[1] != self.n_experts:
+            raise CacheConfigError(f"observe(layer {layer}): scores (expected (T, {self.n_experts}), found {s.shape})")
+        if self.policy != "mrs" or s.shape[0] == 0:
+            return
+        top = top_p_mask(s, self.top_p).mean(axis=0)
+        self.scores[layer] = self.alpha * top + (1.0 - self.alpha) * self.scores[layer]
+
+    def access(self, layer: int, experts: Iterable[int]) -> list[int | None]:
+        """The layer's activated experts this step (each once): count hits/misses, update
+        recency/frequency, return each one's slot or None."""
+        self._tick += 1
+        out = []
+        pool = self._res[self._pool(layer)]
+        for e in experts:
+            key = (layer, int(e))
+            self.freq[key] += 1
+            slot = pool.get(key)
+            if slot is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+                self._last[key] = self._tick
+                if key in self._prefetched:
+                    self._prefetched.discard(key)
+                    self.prefetch_used += 1
+            out.append(slot)
+        return out
+
+    def admit(self, layer: int, expert: int, *, prefetch: bool = False,
+              protect: Iterable[int] = ()) -> tuple[int | None, Key | None]:
+        """Make `expert` resident: (slot, evicted (layer, expert) or None). Never evicts a pinned
+        expert or one of `protect` (experts of this layer); (None, None) when nothing may go
+        (bypass: use a transient buffer). Already resident: (its slot, None)."""
+        key = (layer, int(expert))
+        pool = self._pool(layer)
+        slot = self._res[pool].get(key)
+        if slot is not None:
+            return slot, None
+        if self._hot is not None:  # static: the hot set is fixed
+            self.bypass += 1
+            return None, None
+        evicted = None
+        if not self._free[pool]:
+            evicted = self._victim(pool, {(layer, e) for e in protect})
+            if evicted is None:
+                self.bypass += 1
+                return None, None
+            self._evict(pool, evicted)
+        self._tick += 1
+        slot = self._place(key)
+        if prefetch:
+            self._prefetched.add(key)
+        return slot, evicted
+
+    def _victim(self, pool: int, protect: set) -> Key | None:
+        cands = [k for k in self._res[pool] if k not in self._pinned and k not in protect]
+        if not cands:
+            return None
+        if self.policy == "lru":
+            return min(cands, key=lambda k: self._last[k])
+        if self.policy == "lfu":
+            return min(cands, key=lambda k: (self.freq[k], self._last[k]))
+        return min(cands, key=lambda k: (self.scores[k], self._last[k]))  # mrs
+
+    def _evict(self, pool: int, key: Key) -> None:
+        slot = self._res[pool].pop(key)
+        self._free[pool].append(slot)
+        self.evictions += 1
+        if key in self._prefetched:
+            self._prefetched.discard(key)
+            self.prefetch_wasted += 1
+
+    def pin(self, layer: int, experts: Iterable[int]) -> None:
+        """Protect resident experts of `layer` from eviction until `unpin`."""
+        self._pinned.update((layer, int(e)) for e in experts)
+
+    def unpin(self, layer: int, experts: Iterable[int] | None = None) -> None:
+        """Release pins of `layer` (all of them when experts is None)."""
+        if experts is None:
+            self._pinned = {k for k in self._pinned if k[0] != layer}
+        else:
+            self._pinned.difference_update((layer, int(e)) for e in experts)
+
+    def stats(self) -> dict:
+        n = self.hits + self.misses
+        return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hits / n if n else 0.0,
+                "evictions": self.evictions, "bypass": self.bypass, "prefetch_used": self.prefetch_used,
+                "prefetch_wasted": self.prefetch_wasted, "prefetch_pending": len(self._prefetched)}

@@ -1,0 +1,456 @@
+"""HybridMoELayer: a drop-in MoE block that splits each layer's experts between GPU and CPU.
+
+One `HybridRuntime` per model owns what the layers share: the expert store (host blocks), the
+cache (which experts sit in GPU slots), the transfer engine (slot arenas, copy streams), the
+calibrated cost model, the scheduler mode, the prefetcher and the statistics. Each
+`HybridMoELayer` holds its router, routing rule and shared expert, and calls the runtime:
+
+    x (T, H) -> route -> cache.observe -> plan = scheduler.plan(...)      each expert: gpu | load | cpu
+             -> loads (demand) -> CPU part submitted (C++ pool, GIL released)
+             -> GPU part (Triton, waits only on its slots) -> prefetch for L+1..L+h
+             -> y = y_gpu + cpu.wait() + shared(x)
+
+Without CUDA: `emulate_gpu=True` keeps the GPU part on the host (slot arenas in host memory,
+the "GPU" experts computed by the CPU kernels on slot views), so the cache, scheduler, prefetch
+and slot addressing run for real in tests; `emulate_gpu=False` runs every routed expert on the
+CPU kernels (mode cpu-only), which is what a CPU-only machine should do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import reference
+from .cache import ExpertCache
+from .costs import CostModel, calibrate, load_or_calibrate
+from .errors import HybrimoeError, ModelConfigError
+from .formats import QuantTensor
+from .layout import ExpertLayout
+from .prefetch import Prediction, Prefetcher, idle_budget
+from .reference import RoutingConfig
+from .scheduler import MODES, plan as make_plan
+from .transfer import TransferEngine
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """cache_size: GPU-resident experts per MoE layer; or gpu_budget: bytes shared by all layers.
+    policy: mrs | lru | lfu | static. schedule: hybrid | kt-static | gpu-only | cpu-only | seed.
+    prefetch_size: experts prefetched per layer (0 = off); horizon: layers looked ahead.
+    device: 'cuda' / 'cpu' / None (CUDA when available). emulate_gpu: on a host without CUDA, run
+    the GPU side on the CPU (tests; see module docstring). costs: path of a cost-model JSON or
+    None to calibrate at start-up (cached per machine and shapes in cache_dir)."""
+
+    cache_size: int | None = None
+    gpu_budget: int | None = None
+    policy: str = "mrs"
+    schedule: str = "hybrid"
+    prefetch_size: int = 0
+    horizon: int = 3
+    device: str | None = None
+    emulate_gpu: bool = False
+    cpu_threads: int | None = None
+    costs: str | None = None
+    cache_dir: str | None = None
+    warm: str = "first"
+    static_counts: np.ndarray | None = field(default=None, compare=False)
+    record_timeline: bool = False
+    seed_model: str = "deepseek"
+
+
+@dataclass
+class LayerStats:
+    steps: int = 0
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    on_gpu: int = 0  # experts computed on the GPU (hits + loads)
+    on_cpu: int = 0
+    tokens_gpu: int = 0  # (token, expert) pairs
+    tokens_cpu: int = 0
+    bytes_moved: int = 0
+    prefetch_issued: int = 0
+    cpu_s: float = 0.0
+    gpu_s: float = 0.0
+    total_s: float = 0.0
+
+
+class _SyncResult:
+    def __init__(self, value):
+        self._v = value
+
+    def wait(self):
+        return self._v
+
+
+def _cpu_module():
+    """hybrimoe.cpu if its extension is built, else None (reference fallback)."""
+    try:
+        from . import cpu
+
+        return cpu if cpu.available() else None
+    except ImportError:
+        return None
+
+
+class HybridRuntime:
+    """Model-wide state shared by the HybridMoELayers of one model (see module docstring).
+
+    store: ExpertStore-like (layers, layout(layer), expert(layer, e), arena_tensor(layer), config).
+    """
+
+    def __init__(self, store, config: RuntimeConfig = RuntimeConfig()):
+        cfg = config
+        if cfg.schedule not in MODES:
+            raise HybrimoeError(f"unknown schedule {cfg.schedule!r} (expected one of {', '.join(MODES)})")
+        self.store, self.config = store, cfg
+        mc = store.config
+        self.moe_layers = tuple(store.layers)
+        self.index = {layer: i for i, layer in enumerate(self.moe_layers)}
+        self.n_experts, self.top_k = mc.n_experts, mc.top_k
+        want = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if want.startswith("cuda") and not torch.cuda.is_available():
+            raise HybrimoeError("device 'cuda' requested but CUDA is not available on this machine "
+                                "(use --device cpu)")
+        self.device = torch.device(want)
+        self.gpu_real = self.device.type == "cuda"
+        self.gpu_enabled = self.gpu_real or cfg.emulate_gpu
+        self.schedule = cfg.schedule if self.gpu_enabled else "cpu-only"
+        self.cpu = _cpu_module()
+        if self.cpu is not None and cfg.cpu_threads:
+            self.cpu.set_num_threads(int(cfg.cpu_threads))
+        n = len(self.moe_layers)
+        layouts = [store.layout(layer) for layer in self.moe_layers]
+        if cfg.gpu_budget is not None and cfg.cache_size is not None:
+            raise HybrimoeError("give either cache_size (experts per layer) or gpu_budget (bytes), not both")
+        if cfg.gpu_budget is not None:
+            slot = max(lay.nbytes for lay in layouts)
+            if cfg.gpu_budget < slot:
+                raise HybrimoeError(f"gpu budget {cfg.gpu_budget} B is smaller than one expert ({slot} B)")
+            layouts = [dataclasses.replace(lay, pad_to=slot) for lay in layouts]
+            cap_kw = dict(byte_budget=int(cfg.gpu_budget), expert_bytes=[slot] * n)
+            pools = [(int(cfg.gpu_budget) // slot, slot)]
+        else:
+            cs = self.n_experts // 4 if cfg.cache_size is None else int(cfg.cache_size)
+            if not 0 <= cs <= self.n_experts:
+                raise HybrimoeError(f"cache size {cs} experts per layer must be in 0..{self.n_experts}")
+            if not self.gpu_enabled:
+                cs = 0
+            cap_kw = dict(capacity=cs, expert_bytes=[lay.nbytes for lay in layouts])
+            pools = [(cs, lay.nbytes) for lay in layouts]
+        self.layouts = layouts
+        self.shared_pool = cfg.gpu_budget is not None
+        self.cache = ExpertCache(n, self.n_experts, policy=cfg.policy, top_k=self.top_k,
+                                 static_counts=cfg.static_counts, warm=cfg.warm, **cap_kw)
+        self.transfers = TransferEngine(pools if self.gpu_enabled else [], self.device if self.gpu_real else
+                                        torch.device("cpu"))
+        self.transfers.record = cfg.record_timeline
+        # warm start: copy the experts the cache placed at construction into their slots
+        if self.gpu_enabled:
+            for i, layer in enumerate(self.moe_layers):
+                for e, s in self.cache.resident(i).items():
+                    self.transfers.load(self._pool(i), s, self._span(layer, e))
+            self.transfers.stats = type(self.transfers.stats)()  # warm-up copies are not run-time traffic
+        self.costs = self._costs()
+        self.prefetcher = Prefetcher(self.costs, cfg.prefetch_size, cfg.horizon,
+                                     self.schedule) if cfg.prefetch_size > 0 and self.gpu_enabled else None
+        self.routers: dict[int, tuple[torch.Tensor, RoutingConfig]] = {}
+        self.stats = {layer: LayerStats() for layer in self.moe_layers}
+        self.timeline: list[dict] = []
+        self.step = 0
+        self._pending_prefetch: dict[int, set] = {}
+
+    # -------------------------------------------------------------------------- helpers
+    def _pool(self, i: int) -> int:
+        return 0 if self.shared_pool else i
+
+    def _span(self, layer: int, e: int) -> torch.Tensor:
+        return self.store.arena_tensor(layer)[e]
+
+    def cpu_tier(self) -> str:
+        return self.cpu.tier() if self.cpu is not None else "reference (extension not built)"
+
+    def _slot_weights(self, i: int, slot: int) -> tuple[QuantTensor, QuantTensor, QuantTensor]:
+        """QuantTensor views of an expert in a (host) slot arena — the emulated GPU reads these."""
+        lay: ExpertLayout = self.layouts[i]
+        s = self.transfers.arenas[self._pool(i)][slot].numpy()
+        H, inter = lay.hidden, lay.inter
+        return (QuantTensor(s[lay.gate_offset:lay.gate_offset + lay.gate_bytes].reshape(inter, -1), lay.gate_type, (inter, H)),
+                QuantTensor(s[lay.up_offset:lay.up_offset + lay.up_bytes].reshape(inter, -1), lay.up_type, (inter, H)),
+                QuantTensor(s[lay.down_offset:lay.down_offset + lay.down_bytes].reshape(H, -1), lay.down_type, (H, inter)))
+
+    def _host_weights(self, layer: int, e: int):
+        w = self.store.expert(layer, e)
+        return (w.gate, w.up, w.down)
+
+    def _ffn_submit(self, x: torch.Tensor, experts, toks, ws):
+        """Fused FFN over (experts, token lists, weights) on the CPU pool; reference fallback."""
+        if not experts:
+            return _SyncResult(None)
+        if self.cpu is not None:
+            return self.cpu.moe_ffn_submit(x, experts, toks, ws)
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
+        for (g, u, d), t, w in zip(experts, toks, ws):
+            t = torch.as_tensor(t, dtype=torch.long)
+            y = reference.expert_ffn(x[t], *(torch.from_numpy(q.dequantize()) for q in (g, u, d)))
+            out.index_add_(0, t, torch.as_tensor(w, dtype=torch.float32)[:, None] * y)
+        return _SyncResult(out)
+
+    # -------------------------------------------------------------------------- costs
+    def _costs(self) -> CostModel:
+        cfg = self.config
+        if cfg.costs:
+            return CostModel.from_json(cfg.costs)
+        lay = self.layouts[0]
+        layer0 = self.moe_layers[0]
+        H = lay.hidden
+        points = (1, 4, 16, 64, 256)
+        w = self._host_weights(layer0, 0)
+
+        def time_ffn(n: int, fn) -> float:
+            x = torch.randn(n, H)
+            toks = [np.arange(n, dtype=np.int64)]
+            ws = [np.ones(n, np.float32)]
+            fn(x, toks, ws)  # warm
+            ts = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn(x, toks, ws)
+                ts.append(time.perf_counter() - t0)
+            return float(np.median(ts))
+
+        def cpu_run(x, toks, ws):
+            r = self._ffn_submit(x, [w], toks, ws).wait()
+            return r
+
+        def measure_cpu(n):
+            return time_ffn(n, cpu_run)
+
+        if self.gpu_real:
+            from . import gpu
+
+            arena = self.transfers.arenas[self._pool(0)]
+            slot_of = torch.full((self.n_experts,), -1, dtype=torch.int32, device=self.device)
+
+            def measure_gpu(n):
+                if arena.shape[0] == 0:
+                    return 1.0  # no slots: never chosen anyway
+                slot_of[:] = -1
+                slot_of[0] = 0
+                x = torch.randn(n, H, device=self.device, dtype=torch.bfloat16)
+                ids = torch.zeros(n, 1, dtype=torch.int32, device=self.device)
+                wts = torch.ones(n, 1, dtype=torch.float32, device=self.device)
+                for _ in range(3):
+                    gpu.moe_forward(x, ids, wts, slot_of, arena, lay)
+                torch.cuda.synchronize()
+                st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                st.record()
+                for _ in range(10):
+                    gpu.moe_forward(x, ids, wts, slot_of, arena, lay)
+                en.record()
+                torch.cuda.synchronize()
+                return st.elapsed_time(en) / 10 / 1e3
+
+            def measure_transfer():
+                from .transfer import measure_h2d
+
+                return measure_h2d(lay.nbytes, self.device)["pinned"]["seconds"]
+        else:
+            measure_gpu = measure_cpu  # emulated GPU: the same CPU kernels
+
+            def measure_transfer():
+                src = self._span(layer0, 0)
+                dst = torch.empty_like(src)
+                ts = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    dst.copy_(src)
+                    ts.append(time.perf_counter() - t0)
+                return float(np.median(ts))
+
+        def run():
+            return calibrate(measure_cpu, measure_gpu, measure_transfer, points, expert_bytes=lay.nbytes,
+                             name=f"calibrated {self.device.type}{' (emulated gpu)' if not self.gpu_real else ''}")
+
+        gpu_name = torch.cuda.get_device_name(self.device) if self.gpu_real else ("emulated" if self.gpu_enabled else "none")
+        shape_key = (f"{lay.describe()}|cpu={self.cpu_tier()}|threads={self.cpu.num_threads() if self.cpu else 1}"
+                     f"|points={points}")
+        cache_dir = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "hybrimoe", "costs")
+        return load_or_calibrate(cache_dir, shape_key, run, gpu_name=gpu_name)
+
+    # -------------------------------------------------------------------------- forward
+    def register_router(self, layer: int, router_w: torch.Tensor, rc: RoutingConfig) -> None:
+        self.routers[layer] = (router_w, rc)
+
+    def moe(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Routed-expert output (T, H) float32 on x's device, for routing (ids, w) of x (T, H)."""
+        t_start = time.perf_counter()
+        i = self.index[layer]
+        st = self.stats[layer]
+        st.steps += 1
+        T_, H = x.shape
+        ids_np = ids.cpu().numpy()
+        experts, counts = np.unique(ids_np, return_counts=True)
+        if self.prefetcher is not None:
+            self.prefetcher.record(i, experts)
+        self.cache.observe(i, probs.float().cpu().numpy())
+        slots_before = self.cache.access(i, experts)
+        hits = sum(s is not None for s in slots_before)
+        st.hits += hits
+        st.misses += len(experts) - hits
+        p = make_plan(i, experts, counts, self.cache, self.costs, self.schedule, seed_model=self.config.seed_model)
+        pool = self._pool(i)
+        self.cache.pin(i, experts)
+        slot_of: dict[int, int] = {e: self.cache.lookup(i, e) for e in p.gpu}
+        cpu_list = list(p.cpu)
+        for e in p.loads:  # demand loads first
+            slot, _evicted = self.cache.admit(i, e, protect=experts)
+            if slot is None:  # nothing evictable: compute it on the CPU instead
+                cpu_list.append(e)
+                continue
+            self.transfers.load(pool, slot, self._span(layer, e))
+            st.loads += 1
+            st.bytes_moved += self.layouts[i].weight_bytes
+            slot_of[e] = slot
+        # CPU part: one fused call, submitted before the GPU part so both run together
+        x_host = x.detach().to("cpu", torch.float32).contiguous()
+        toks, wts, ws_cpu = [], [], []
+        for e in cpu_list:
+            tok, kk = np.nonzero(ids_np == e)
+            toks.append(tok.astype(np.int64))
+            wts.append(w[tok, kk].detach().float().cpu().numpy() if w.device.type != "cpu" else w[tok, kk].numpy())
+            ws_cpu.append(self._host_weights(layer, e))
+        t_cpu0 = time.perf_counter()
+        fut = self._ffn_submit(x_host, ws_cpu, toks, wts)
+        st.on_cpu += len(cpu_list)
+        st.tokens_cpu += int(sum(len(t) for t in toks))
+        # GPU part
+        t_gpu0 = time.perf_counter()
+        y = torch.zeros(T_, H, dtype=torch.float32, device=x.device)
+        if slot_of:
+            st.on_gpu += len(slot_of)
+            st.tokens_gpu += int(sum(counts[np.searchsorted(experts, e)] for e in slot_of))
+            if self.gpu_real:
+                from . import gpu
+
+                sl = torch.full((self.n_experts,), -1, dtype=torch.int32)
+                for e, s in slot_of.items():
+                    sl[e] = s
+                self.transfers.wait_slots(pool, slot_of.values())
+                xd = x if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else x.float()
+                y = gpu.moe_forward(xd.contiguous(), ids.to(self.device).contiguous(),
+                                    w.to(self.device, torch.float32).contiguous(), sl.to(self.device),
+                                    self.transfers.arenas[pool], self.layouts[i])
+                self.transfers.mark_read(pool, slot_of.values())
+            else:  # emulated GPU: the CPU kernels on the host slot arena
+                g_ex, g_tok, g_w = [], [], []
+                for e, s in slot_of.items():
+                    tok, kk = np.nonzero(ids_np == e)
+                    g_ex.append(self._slot_weights(i, s))
+                    g_tok.append(tok.astype(np.int64))
+                    g_w.append(w[tok, kk].detach().float().cpu().numpy())
+                y = self._ffn_submit(x_host, g_ex, g_tok, g_w).wait()
+        t_gpu1 = time.perf_counter()
+        st.gpu_s += t_gpu1 - t_gpu0
+        # prefetch for the next layers while this one computes
+        if self.prefetcher is not None:
+            self._prefetch(i, x, p)
+        y_cpu = fut.wait()
+        t_cpu1 = time.perf_counter()
+        st.cpu_s += t_cpu1 - t_cpu0
+        if y_cpu is not None:
+            y = y + y_cpu.to(y.device)
+        self.cache.unpin(i)
+        st.total_s += time.perf_counter() - t_start
+        if self.config.record_timeline:
+            self.timeline.append({"step": self.step, "layer": layer, "t0": t_start, "cpu": (t_cpu0, t_cpu1),
+                                  "gpu": (t_gpu0, t_gpu1), "plan": p, "loads": len(p.loads)})
+        return y
+
+    def _prefetch(self, i: int, x: torch.Tensor, p) -> None:
+        preds = {}
+        for d in range(1, self.prefetcher.horizon + 1):
+            j = i + d
+            if j >= len(self.moe_layers):
+                break
+            r = self.routers.get(self.moe_layers[j])
+            if r is None:
+                break
+            ids, _w, probs = reference.route(x.float(), r[0].to(x.device).float(), r[1])
+            e, c = np.unique(ids.cpu().numpy(), return_counts=True)
+            pr = probs.float().mean(0).cpu().numpy()
+            # confidence: predicted experts of the next layer are right ~half the time on real traces
+            preds[j] = Prediction(e, c, np.clip(pr[e] * self.top_k, 0.0, 1.0))
+        if not preds:
+            return
+        idle = idle_budget(i, p.makespan, p.pcie_end, 0.0, 0.0, self.prefetcher.horizon, len(self.moe_layers))
+        orders = self.prefetcher.choose(i, preds, self.cache, idle_before=idle)
+        for o in orders:
+            slot, _ = self.cache.admit(o.layer, o.expert, prefetch=True,
+                                       protect=preds[o.layer].experts)
+            if slot is None:
+                continue
+            layer = self.moe_layers[o.layer]
+            self.transfers.load(self._pool(o.layer), slot, self._span(layer, o.expert), prefetch=True)
+            self.stats[self.moe_layers[i]].prefetch_issued += 1
+
+    # -------------------------------------------------------------------------- summary
+    def summary(self) -> dict:
+        tot = LayerStats()
+        for s in self.stats.values():
+            for f in dataclasses.fields(LayerStats):
+                setattr(tot, f.name, getattr(tot, f.name) + getattr(s, f.name))
+        cs = self.cache.stats()
+        out = {
+            "device": str(self.device) + ("" if self.gpu_real else (" (emulated gpu)" if self.gpu_enabled else "")),
+            "schedule": self.schedule, "policy": self.config.policy, "cpu_tier": self.cpu_tier(),
+            "hit_rate": cs["hit_rate"], "hits": cs["hits"], "misses": cs["misses"], "evictions": cs["evictions"],
+            "experts_gpu": tot.on_gpu, "experts_cpu": tot.on_cpu, "pairs_gpu": tot.tokens_gpu,
+            "pairs_cpu": tot.tokens_cpu, "pcie_bytes": self.transfers.stats.bytes,
+            "demand_loads": self.transfers.stats.demand_loads, "prefetch_loads": self.transfers.stats.prefetch_loads,
+            "prefetch_used": cs["prefetch_used"], "prefetch_wasted": cs["prefetch_wasted"],
+        }
+        if self.prefetcher is not None:
+            acc = self.prefetcher.accuracy()
+            out["prefetch_accuracy"] = acc.get(1, float("nan"))
+        return out
+
+
+class HybridMoELayer(nn.Module):
+    """Drop-in MoE block. forward(hidden (..., H)) -> (..., H) in hidden's dtype.
+
+    router_weight: (E, H) float; routing: RoutingConfig (top-k, softmax/sigmoid, renormalisation,
+    scale); shared: optional module (or callable) for shared experts, added to the output;
+    shared_gate: optional (H,) / (1, H) weight of qwen2moe's sigmoid gate on the shared expert.
+    """
+
+    def __init__(self, runtime: HybridRuntime, layer: int, router_weight: torch.Tensor, routing: RoutingConfig,
+                 shared=None, shared_gate: torch.Tensor | None = None):
+        super().__init__()
+        if layer not in runtime.index:
+            raise ModelConfigError(f"layer {layer} is not a MoE layer of this model ({runtime.moe_layers})")
+        self.runtime, self.layer, self.routing = runtime, layer, routing
+        self.router_weight = nn.Parameter(router_weight.detach().float(), requires_grad=False)
+        self.shared = shared
+        self.shared_gate = None if shared_gate is None else nn.Parameter(shared_gate.detach().float().reshape(1, -1),
+                                                                         requires_grad=False)
+        runtime.register_router(layer, self.router_weight, routing)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])
+        ids, w, probs = reference.route(x, self.router_weight, self.routing)
+        y = self.runtime.moe(self.layer, x, ids, w, probs)
+        if self.shared is not None:
+            s = self.shared(x).float()
+            if self.shared_gate is not None:
+                s = s * torch.sigmoid(x.float() @ self.shared_gate.T)
+            y = y + s
+        return y.to(hidden.dtype).reshape(shape)

@@ -1,0 +1,140 @@
+"""Impact-driven prefetch (HybriMoE sec. 4.4): fetch the experts whose presence most shortens a
+coming layer, as the scheduler itself would see it.
+
+After layer L is planned, the runtime predicts the experts of layers L+1..L+horizon (by applying
+those layers' routers to L's hidden state; the simulator uses its predictors). For each predicted
+expert that is not resident, the prefetcher plans that layer with the same scheduler and cost
+model twice, without and with the expert resident; gain = prob * (makespan_without - makespan_with).
+It picks greedily by gain (recomputing the marginal gain of the rest after each pick, since two
+experts of one layer do not add up), keeps only positive gains, at most `prefetch_size` per call
+(0 = off), and only as much transfer time as fits the PCIe idle time before the target layer
+(`idle_before`, see `idle_budget`).
+
+Demand first: prefetches are only issued into idle time; the transfer engine (runtime) and the
+simulator let every demand load overtake a queued or running prefetch, so a prefetch never delays
+a demand load. A prefetch still in flight when its layer is routed and used becomes that layer's
+first transfer (its remaining time shows up as `pcie_busy`/`ready` in that layer's plan).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from .costs import CostModel
+from .scheduler import CacheView, plan
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted activated experts of one layer: experts (n,) int, counts (n,) predicted tokens
+    per expert, prob (n,) in [0, 1] confidence that the expert will be used."""
+
+    experts: np.ndarray
+    counts: np.ndarray
+    prob: np.ndarray
+
+    @classmethod
+    def certain(cls, experts, counts=None) -> "Prediction":
+        e = np.asarray(experts, np.int64)
+        c = np.ones_like(e) if counts is None else np.asarray(counts, np.int64)
+        return cls(e, c, np.ones(len(e)))
+
+
+@dataclass(frozen=True)
+class PrefetchOrder:
+    layer: int
+    expert: int
+    gain: float  # expected seconds saved in `layer` (prob-weighted)
+    transfer: float  # seconds of PCIe time it needs
+
+
+def idle_budget(layer: int, moe_makespan: float, pcie_end: float, next_dense: float, backlog: float,
+                horizon: int, n_layers: int) -> dict[int, float]:
+    """PCIe idle seconds expected before each of layers layer+1..layer+horizon starts its MoE phase.
+
+    This layer leaves w = (makespan - pcie_end) + next_dense idle; later layers are assumed to
+    leave the same (the best estimate at hand). `backlog`: prefetch transfer time already queued.
+    """
+    w = max(0.0, moe_makespan - pcie_end) + next_dense
+    return {layer + d: d * w - backlog for d in range(1, horizon + 1) if layer + d < n_layers}
+
+
+class Prefetcher:
+    """Chooses prefetches with the scheduler's own cost model. One per model; stateful only for
+    statistics (prediction accuracy per look-ahead distance)."""
+
+    def __init__(self, costs: CostModel, prefetch_size: int = 2, horizon: int = 3, mode: str = "hybrid",
+                 min_gain: float = 0.0):
+        self.costs, self.prefetch_size, self.horizon, self.mode = costs, int(prefetch_size), int(horizon), mode
+        self.min_gain = float(min_gain)
+        self._last_pred: dict[tuple[int, int], set] = {}  # (target layer, distance) -> predicted set
+        self.pred_hits = np.zeros(horizon + 1, np.int64)  # per distance d: predicted & used
+        self.pred_total = np.zeros(horizon + 1, np.int64)  # per distance d: actually used
+        self.issued = 0
+
+    def choose(self, layer: int, predictions: Mapping[int, Prediction], cache, *,
+               idle_before: Mapping[int, float]) -> list[PrefetchOrder]:
+        """Prefetches to issue now, best first. predictions: {target layer: Prediction} for
+        layer+1..layer+horizon; idle_before: {target layer: PCIe idle seconds before it}."""
+        for tl, p in predictions.items():
+            d = tl - layer
+            if 1 <= d <= self.horizon:
+                self._last_pred[(tl, d)] = {int(e) for e in p.experts}
+        if self.prefetch_size <= 0:
+            return []
+        chosen: dict[int, list[int]] = {}
+        used: dict[int, float] = {}
+        cands = []
+        for tl, p in predictions.items():
+            if not 1 <= tl - layer <= self.horizon or idle_before.get(tl, 0.0) < self.costs.transfer_time(tl):
+                continue
+            for e, pr in zip(p.experts, p.prob):
+                e = int(e)
+                if pr > 0 and not cache.contains(tl, e) and cache.can_admit(tl, e, protect=p.experts):
+                    cands.append((tl, e, float(pr)))
+        out: list[PrefetchOrder] = []
+        base: dict[int, float] = {}
+        while cands and len(out) < self.prefetch_size:
+            best = None
+            for tl, e, pr in cands:
+                p = predictions[tl]
+                if tl not in base:
+                    base[tl] = plan(tl, p.experts, p.counts, CacheView(cache, tl, chosen.get(tl, ())),
+                                    self.costs, self.mode).makespan
+                with_e = plan(tl, p.experts, p.counts, CacheView(cache, tl, chosen.get(tl, []) + [e]),
+                              self.costs, self.mode).makespan
+                g = pr * (base[tl] - with_e)
+                if best is None or g > best[0]:
+                    best = (g, tl, e, pr)
+            g, tl, e, pr = best
+            if g <= self.min_gain:
+                break
+            tr = self.costs.transfer_time(tl)
+            cands.remove((tl, e, pr))
+            if used.get(tl, 0.0) + tr > idle_before.get(tl, 0.0):
+                continue  # does not fit before its layer; try the next best
+            for t2 in list(idle_before):
+                if t2 >= tl:  # a transfer before layer tl also uses idle time before later layers
+                    used[t2] = used.get(t2, 0.0) + tr
+            chosen.setdefault(tl, []).append(e)
+            base.pop(tl, None)
+            out.append(PrefetchOrder(tl, e, g, tr))
+        self.issued += len(out)
+        return out
+
+    def record(self, layer: int, actual: np.ndarray) -> None:
+        """The layer's actual activated experts: scores the prediction made for it."""
+        act = {int(e) for e in np.asarray(actual).ravel()}
+        for d in range(1, self.horizon + 1):
+            pred = self._last_pred.pop((layer, d), None)
+            if pred is not None:
+                self.pred_hits[d] += len(act & pred)
+                self.pred_total[d] += len(act)
+
+    def accuracy(self) -> dict[int, float]:
+        """{distance d: fraction of actually activated experts that were predicted d layers ahead}."""
+        return {d: float(self.pred_hits[d] / self.pred_total[d]) for d in range(1, self.horizon + 1)
+                if self.pred_total[d]}

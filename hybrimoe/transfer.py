@@ -1,0 +1,131 @@
+"""GPU slot arenas and the copies that fill them.
+
+Each pool (one per MoE layer with a per-layer capacity, or one shared by all layers with a byte
+budget) is one uint8 tensor (n_slots, slot_bytes) allocated once at start; a slot holds one
+expert laid out as [gate | up | down] (hybrimoe/layout.py). A load copies the expert's
+contiguous span from the pinned host arena (ExpertStore.pack) into a slot: one DMA, no
+allocation per transfer.
+
+Streams and events (CUDA): demand loads go on a high-priority copy stream, prefetches on a
+low-priority one; each slot has the event of its last copy, so the compute stream waits only for
+the slots it reads (`wait_slots`), and a copy into a slot waits for the last kernel that read it
+(`mark_read`), so eviction never races a running kernel. Prefetches are issued after the current
+layer's demand loads and only into the PCIe idle time the prefetcher budgets, so they do not
+queue in front of a demand load of their own layer. (A copy engine does not preempt a DMA
+already running; the budget is what keeps prefetch out of demand's way.)
+
+Without CUDA the arenas live in host memory and a load is a memcpy: the cache, scheduler and
+slot addressing run exactly as on the GPU (the emulated GPU of the tests).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TransferStats:
+    demand_loads: int = 0
+    prefetch_loads: int = 0
+    bytes: int = 0
+    seconds_issued: float = 0.0  # host time spent issuing copies (not the DMA time on CUDA)
+
+
+class TransferEngine:
+    """pools: list of (n_slots, slot_bytes); device: torch.device of the arenas."""
+
+    def __init__(self, pools: list[tuple[int, int]], device: torch.device):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.arenas = [torch.empty((max(n, 0), b), dtype=torch.uint8, device=self.device) for n, b in pools]
+        self.stats = TransferStats()
+        if self.cuda:
+            lo, hi = torch.cuda.Stream.priority_range()  # numerically lower = higher priority
+            self.demand_stream = torch.cuda.Stream(self.device, priority=hi)
+            self.prefetch_stream = torch.cuda.Stream(self.device, priority=lo)
+            self._copy_done = [[None] * n for n, _ in pools]
+            self._read_done = [[None] * n for n, _ in pools]
+        self.events: list[tuple] = []  # (kind, pool, slot, nbytes, start_evt/time, end_evt/time)
+        self.record = False
+
+    def load(self, pool: int, slot: int, src: torch.Tensor, prefetch: bool = False) -> None:
+        """Copy `src` (uint8 (n,), pinned host) into slot `slot` of pool `pool`."""
+        n = src.numel()
+        dst = self.arenas[pool][slot, :n]
+        t0 = time.perf_counter()
+        if self.cuda:
+            stream = self.prefetch_stream if prefetch else self.demand_stream
+            with torch.cuda.stream(stream):
+                for ev in (self._read_done[pool][slot], self._copy_done[pool][slot]):
+                    if ev is not None:
+                        stream.wait_event(ev)
+                start = torch.cuda.Event(enable_timing=True) if self.record else None
+                if start is not None:
+                    start.record(stream)
+                dst.copy_(src, non_blocking=True)
+                done = torch.cuda.Event(enable_timing=self.record)
+                done.record(stream)
+            self._copy_done[pool][slot] = done
+            if self.record:
+                self.events.append(("prefetch" if prefetch else "load", pool, slot, n, start, done))
+        else:
+            dst.copy_(src)
+            if self.record:
+                self.events.append(("prefetch" if prefetch else "load", pool, slot, n, t0, time.perf_counter()))
+        self.stats.seconds_issued += time.perf_counter() - t0
+        self.stats.bytes += n
+        if prefetch:
+            self.stats.prefetch_loads += 1
+        else:
+            self.stats.demand_loads += 1
+
+    def wait_slots(self, pool: int, slots) -> None:
+        """Make the current stream wait for the copies into `slots` (no-op on the host)."""
+        if not self.cuda:
+            return
+        cur = torch.cuda.current_stream(self.device)
+        for s in slots:
+            ev = self._copy_done[pool][s]
+            if ev is not None:
+                cur.wait_event(ev)
+
+    def mark_read(self, pool: int, slots) -> None:
+        """Record that the current stream's work reads `slots`: later copies into them wait for it."""
+        if not self.cuda:
+            return
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        for s in slots:
+            self._read_done[pool][s] = ev
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            self.demand_stream.synchronize()
+            self.prefetch_stream.synchronize()
+
+
+def measure_h2d(nbytes: int, device: torch.device, reps: int = 20) -> dict:
+    """Pinned host -> device copy of `nbytes` (expert-sized) vs a plain pageable copy; GB/s each.
+    Used by calibration and the layer benchmark."""
+    device = torch.device(device)
+    src_p = torch.empty(nbytes, dtype=torch.uint8).pin_memory() if device.type == "cuda" else torch.empty(nbytes, dtype=torch.uint8)
+    src_u = torch.empty(nbytes, dtype=torch.uint8)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    out = {}
+    for name, src in (("pinned", src_p), ("pageable", src_u)):
+        ts = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            dst.copy_(src, non_blocking=(name == "pinned"))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            ts.append(time.perf_counter() - t0)
+        ts.sort()
+        med = ts[len(ts) // 2]
+        out[name] = {"seconds": med, "gbps": nbytes / med / 1e9}
+    return out

@@ -1,0 +1,142 @@
+"""HybridMoELayer / HybridRuntime on the tiny synthetic model, GPU side emulated on the host.
+
+Every schedule mode and cache policy must give the reference MoE output (the placement changes
+where an expert runs, never what it computes); every (token, expert) pair is computed exactly
+once; the cache never exceeds its budget."""
+
+import numpy as np
+import pytest
+import torch
+
+from hybrimoe import synth
+from hybrimoe.costs import CostModel, LayerCost
+from hybrimoe.errors import HybrimoeError
+from hybrimoe.gguf_model import GGUFModel
+from hybrimoe.layer import HybridMoELayer, HybridRuntime, RuntimeConfig
+from hybrimoe.reference import RoutingConfig, expert_ffn, moe_forward
+from hybrimoe.scheduler import MODES
+from hybrimoe.store import ExpertStore
+
+# fp32 reference vs kernels that quantize activations to 8 bits (CPU tiers) or not (reference
+# fallback): relative error of the whole output, ||y - ref|| / ||ref||.
+REL_TOL = 2e-2
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = synth.write_gguf(synth.PRESETS["tiny"], tmp_path_factory.mktemp("m") / "tiny.gguf")
+    m = GGUFModel(path)
+    store = ExpertStore(m)
+    store.pack(pin=False)
+    return m, store
+
+
+def _costs(store, cpu_per_tok=1e-4, gpu=2e-5, transfer=1e-4):
+    """A hand-given cost model, so the plans do not depend on this machine's timing."""
+    pts = (1, 4, 16, 64, 256)
+    lc = LayerCost(pts, tuple(cpu_per_tok * n + 1e-4 for n in pts), tuple(gpu + 1e-7 * n for n in pts),
+                   transfer, store.layout(store.layers[0]).nbytes)
+    return CostModel((lc,), "test")
+
+
+def _layers(m, store, rt):
+    rc = RoutingConfig.from_moe_config(m.config)
+    out = {}
+    for layer in store.layers:
+        router = torch.from_numpy(m.dequant(f"blk.{layer}.ffn_gate_inp.weight"))
+        out[layer] = HybridMoELayer(rt, layer, router, rc)
+    return out
+
+
+def _reference(m, store, layer, x):
+    experts = {e: tuple(torch.from_numpy(a) for a in store.dequant_expert(layer, e)) for e in range(m.config.n_experts)}
+    router = torch.from_numpy(m.dequant(f"blk.{layer}.ffn_gate_inp.weight"))
+    y, *_ = moe_forward(x, router, experts, RoutingConfig.from_moe_config(m.config))
+    return y
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("policy", ["mrs", "lru", "lfu"])
+def test_every_mode_and_policy_matches_reference(tiny, tmp_path, mode, policy):
+    m, store = tiny
+    tmp = tmp_path
+    cfgs = RuntimeConfig(cache_size=3, policy=policy, schedule=mode, emulate_gpu=True, device="cpu",
+                         prefetch_size=2, cache_dir=str(tmp))
+    rt = HybridRuntime(store, cfgs)
+    rt.costs = _costs(store)
+    layers = _layers(m, store, rt)
+    g = torch.Generator().manual_seed(1)
+    for T in (1, 1, 64, 1):  # decode, decode, a prefill-sized batch, decode again
+        for layer, mod in layers.items():
+            x = torch.randn(T, m.config.hidden, generator=g)
+            before = rt.stats[layer].tokens_cpu + rt.stats[layer].tokens_gpu
+            y = mod(x)
+            assert _rel(y, _reference(m, store, layer, x)) < REL_TOL, (mode, policy, T, layer)
+            # every (token, expert) pair computed exactly once, on exactly one side
+            after = rt.stats[layer].tokens_cpu + rt.stats[layer].tokens_gpu
+            assert after - before == T * m.config.top_k
+            for i in range(len(store.layers)):
+                assert rt.cache.n_resident(i) <= 3
+    s = rt.summary()
+    if mode == "cpu-only":
+        assert s["experts_gpu"] == 0 and s["pcie_bytes"] == 0
+    if mode == "gpu-only":
+        assert s["experts_cpu"] == 0 or s["misses"] > 0  # only bypassed loads fall back to the CPU
+    if mode == "kt-static":
+        assert s["demand_loads"] == 0  # kTransformers' split never loads on demand
+
+
+def test_byte_budget_shared_across_layers(tiny, tmp_path):
+    m, store = tiny
+    slot = max(store.layout(layer).nbytes for layer in store.layers)
+    rt = HybridRuntime(store, RuntimeConfig(gpu_budget=5 * slot, schedule="gpu-only", emulate_gpu=True,
+                                            device="cpu", cache_dir=str(tmp_path)))
+    rt.costs = _costs(store)
+    layers = _layers(m, store, rt)
+    x = torch.randn(8, m.config.hidden)
+    for layer, mod in layers.items():
+        assert _rel(mod(x), _reference(m, store, layer, x)) < REL_TOL
+        assert rt.cache.occupancy_bytes() <= 5 * slot
+
+
+def test_cpu_only_machine_runs_everything_on_cpu(tiny, tmp_path):
+    m, store = tiny
+    rt = HybridRuntime(store, RuntimeConfig(device="cpu", emulate_gpu=False, cache_dir=str(tmp_path)))
+    assert rt.schedule == "cpu-only"
+    layers = _layers(m, store, rt)
+    x = torch.randn(3, m.config.hidden)
+    layer = store.layers[0]
+    assert _rel(layers[layer](x), _reference(m, store, layer, x)) < REL_TOL
+    assert rt.summary()["experts_gpu"] == 0
+
+
+def test_shared_expert_and_shapes(tiny, tmp_path):
+    m, store = tiny
+    rt = HybridRuntime(store, RuntimeConfig(device="cpu", cache_dir=str(tmp_path)))
+    layer = store.layers[0]
+    sh = [torch.from_numpy(m.dequant(f"blk.{layer}.ffn_{w}_shexp.weight")) for w in ("gate", "up", "down")]
+    router = torch.from_numpy(m.dequant(f"blk.{layer}.ffn_gate_inp.weight"))
+    mod = HybridMoELayer(rt, layer, router, RoutingConfig.from_moe_config(m.config),
+                         shared=lambda x: expert_ffn(x, *sh))
+    x = torch.randn(2, 3, m.config.hidden)  # (B, S, H)
+    y = mod(x)
+    assert y.shape == x.shape
+    ref = _reference(m, store, layer, x.reshape(-1, m.config.hidden)) + expert_ffn(x.reshape(-1, m.config.hidden), *sh)
+    assert _rel(y.reshape(-1, m.config.hidden), ref) < REL_TOL
+
+
+def test_bad_runtime_config(tiny, tmp_path):
+    m, store = tiny
+    with pytest.raises(HybrimoeError, match="unknown schedule"):
+        HybridRuntime(store, RuntimeConfig(schedule="fastest", device="cpu"))
+    with pytest.raises(HybrimoeError, match="smaller than one expert"):
+        HybridRuntime(store, RuntimeConfig(gpu_budget=100, device="cpu", emulate_gpu=True))
+    with pytest.raises(HybrimoeError, match="cache size"):
+        HybridRuntime(store, RuntimeConfig(cache_size=99, device="cpu", emulate_gpu=True))
+    if not torch.cuda.is_available():
+        with pytest.raises(HybrimoeError, match="CUDA is not available"):
+            HybridRuntime(store, RuntimeConfig(device="cuda"))
