@@ -454,3 +454,17 @@ class HybridMoELayer(nn.Module):
                 s = s * torch.sigmoid(x.float() @ self.shared_gate.T)
             y = y + s
         return y.to(hidden.dtype).reshape(shape)
+
+
+def hybrid_factory(runtime: HybridRuntime):
+    """moe_factory for hybrimoe.models.load_gguf_model / patch: replaces a transformers MoE block
+    (router at `block.gate.weight`, shared expert at `shared_experts` / `shared_expert`, qwen2moe's
+    `shared_expert_gate`) by a HybridMoELayer on `runtime`."""
+
+    def make(layer: int, block: nn.Module, gguf_model, store) -> HybridMoELayer:
+        shared = getattr(block, "shared_experts", None) or getattr(block, "shared_expert", None)
+        gate = getattr(block, "shared_expert_gate", None)
+        return HybridMoELayer(runtime, layer, block.gate.weight, RoutingConfig.from_moe_config(runtime.store.config),
+                              shared=shared, shared_gate=None if gate is None else gate.weight)
+
+    return make

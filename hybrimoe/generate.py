@@ -1,0 +1,233 @@
+"""python -m hybrimoe.generate: text from a GGUF MoE model with experts on GPU cache, PCIe and CPU.
+
+With no --gguf it writes the embedded tiny synthetic model (a real GGUF file) to the cache
+directory and runs it through the same loading path. Example with a real file:
+
+    python -m hybrimoe.generate --gguf DeepSeek-V2-Lite-Chat.Q4_K_M.gguf --cache-size 16 \
+        --prefetch-size 2 --prompt "What is a mixture of experts?" --max-new-tokens 64
+
+Errors a user can make end with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+
+def _parse_bytes(s: str) -> int:
+    s = s.strip().upper()
+    mult = 1
+    for suf, m in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3),
+                   ("G", 2**30), ("M", 2**20), ("K", 2**10), ("B", 1)):
+        if s.endswith(suf):
+            s, mult = s[: -len(suf)], m
+            break
+    try:
+        return int(float(s) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--gpu-budget: expected bytes like 8GiB or 500M, found {s!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hybrimoe.generate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--gguf", help="GGUF MoE model (Q4_K_M); default: the embedded tiny synthetic model")
+    p.add_argument("--preset", default="tiny", help="synthetic preset used when --gguf is not given")
+    p.add_argument("--prompt", default="the quick brown fox", help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--cache-size", type=int, default=None, help="GPU-resident experts per MoE layer (default E/4)")
+    g.add_argument("--gpu-budget", type=_parse_bytes, default=None, help="GPU bytes for experts, shared by layers")
+    p.add_argument("--prefetch-size", type=int, default=0, help="experts prefetched per layer (0 = off)")
+    p.add_argument("--policy", choices=("mrs", "lru", "lfu", "static"), default="mrs")
+    p.add_argument("--schedule", choices=("hybrid", "kt-static", "gpu-only", "cpu-only", "seed"), default="hybrid")
+    p.add_argument("--cpu-threads", type=int, default=None, help="CPU kernel threads (default: physical cores)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--emulate-gpu", action="store_true",
+                   help="without CUDA, run the GPU side on the host (exercises cache/scheduler/prefetch)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory when the GGUF's cannot be used")
+    p.add_argument("--chat", action="store_true", help="interactive chat (uses the GGUF chat template)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--timeline", default=None, help="write a Chrome trace (Perfetto) of CPU/GPU/PCIe lanes")
+    p.add_argument("--plot", default=None, help="write a PNG of one decode step's lanes")
+    p.add_argument("--costs", default=None, help="cost-model JSON (default: calibrate at start-up, cached)")
+    p.add_argument("--trace-out", default=None, help="record the routing of this run (hybrimoe.traces format)")
+    p.add_argument("--json", default=None, help="write the summary as JSON here")
+    return p
+
+
+class _Fail(Exception):
+    pass
+
+
+def load(args):
+    """(model, tokenizer, runtime, gguf path) for the parsed arguments."""
+    from . import synth
+    from .gguf_model import GGUFModel
+    from .layer import HybridRuntime, RuntimeConfig
+    from .layer import hybrid_factory
+    from .models import load_gguf_model
+    from .store import ExpertStore
+    from .tokenizer import load_tokenizer
+
+    path = args.gguf
+    if path is None:
+        path = synth.ensure_preset(args.preset)
+        print(f"[hybrimoe] no --gguf: using the embedded synthetic model '{args.preset}' ({path})")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise _Fail("--device cuda: CUDA is not available on this machine (use --device cpu)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gm = GGUFModel(path)
+    store = ExpertStore(gm)
+    store.pack()
+    cfg = RuntimeConfig(cache_size=args.cache_size, gpu_budget=args.gpu_budget, policy=args.policy,
+                        schedule=args.schedule, prefetch_size=args.prefetch_size, device=str(device),
+                        emulate_gpu=args.emulate_gpu, cpu_threads=args.cpu_threads, costs=args.costs,
+                        record_timeline=bool(args.timeline or args.plot),
+                        static_counts=None)
+    if args.policy == "static":
+        import numpy as np
+
+        # static hot set without a profile: experts 0.. in index order (the warm-start rule)
+        cfg = __import__("dataclasses").replace(
+            cfg, static_counts=np.tile(np.arange(gm.config.n_experts)[::-1], (len(store.layers), 1)).astype(float))
+    if device.type != "cuda" and not args.emulate_gpu and args.schedule != "cpu-only":
+        print("[hybrimoe] no CUDA: every routed expert runs on the CPU kernels "
+              "(--emulate-gpu exercises the cache/scheduler/prefetch with a host-side GPU)")
+    runtime = HybridRuntime(store, cfg)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, _, _ = load_gguf_model(gm, device=device, dtype=dtype, progress=True,
+                                  moe_factory=hybrid_factory(runtime))
+    tok = load_tokenizer(gm, args.tokenizer)
+    return model, tok, runtime, path
+
+
+@torch.no_grad()
+def generate_ids(model, input_ids, max_new_tokens, runtime=None, eos_id=None, temperature=0.0, on_token=None):
+    """Greedy (or sampled) decoding with the KV cache. Returns (new ids list, prefill s, decode s)."""
+    t0 = time.perf_counter()
+    if runtime is not None:
+        runtime.step = 0
+    out = model(input_ids=input_ids, use_cache=True)
+    past = out.past_key_values
+    logits = out.logits[:, -1].float()
+    t1 = time.perf_counter()
+    new = []
+    for step in range(max_new_tokens):
+        if temperature > 0:
+            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1)[:, 0]
+        else:
+            nxt = logits.argmax(-1)
+        new.append(int(nxt[0]))
+        if on_token:
+            on_token(new)
+        if eos_id is not None and new[-1] == eos_id or step == max_new_tokens - 1:
+            break
+        if runtime is not None:
+            runtime.step = step + 1
+        out = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logits = out.logits[:, -1].float()
+    t2 = time.perf_counter()
+    return new, t1 - t0, t2 - t1
+
+
+def _run_once(model, tok, runtime, prompt_ids, args):
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
+    printed = [""]
+
+    def on_token(new):
+        text = tok.decode(new, skip_special_tokens=True)
+        sys.stdout.write(text[len(printed[0]):])
+        sys.stdout.flush()
+        printed[0] = text
+
+    new, t_pre, t_dec = generate_ids(model, ids, args.max_new_tokens, runtime, tok.eos_token_id,
+                                     args.temperature, on_token)
+    print()
+    return new, t_pre, t_dec
+
+
+def summary_lines(s: dict) -> list[str]:
+    pf = s.get("prefetch_accuracy")
+    return [
+        f"prefill {s['prefill_tokens']} tok in {s['prefill_s']:.3f} s = {s['prefill_tok_s']:.1f} tok/s; "
+        f"decode {s['decode_tokens']} tok in {s['decode_s']:.3f} s = {s['decode_tok_s']:.2f} tok/s",
+        f"device {s['device']}, schedule {s['schedule']}, policy {s['policy']}, CPU tier {s['cpu_tier']}",
+        f"cache hit rate {s['hit_rate']:.3f} ({s['hits']} hits / {s['misses']} misses, {s['evictions']} evictions); "
+        f"experts on GPU {s['experts_gpu']} / CPU {s['experts_cpu']} "
+        f"(token-expert pairs {s['pairs_gpu']} / {s['pairs_cpu']})",
+        f"PCIe {s['pcie_bytes'] / 1e6:.2f} MB ({s['demand_loads']} demand loads, {s['prefetch_loads']} prefetches: "
+        f"{s['prefetch_used']} used, {s['prefetch_wasted']} wasted; prediction accuracy "
+        f"{'n/a' if pf is None else f'{pf:.2f}'})",
+    ]
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import HybrimoeError
+
+    try:
+        model, tok, runtime, path = load(args)
+        if args.chat:
+            return _chat(model, tok, runtime, args)
+        prompt_ids = tok.encode(args.prompt)
+        print(f"[hybrimoe] prompt: {args.prompt!r} ({len(prompt_ids)} tokens)")
+        new, t_pre, t_dec = _run_once(model, tok, runtime, prompt_ids, args)
+        s = runtime.summary()
+        s.update(prefill_tokens=len(prompt_ids), prefill_s=t_pre, prefill_tok_s=len(prompt_ids) / max(t_pre, 1e-9),
+                 decode_tokens=max(len(new) - 1, 0), decode_s=t_dec,
+                 decode_tok_s=max(len(new) - 1, 0) / max(t_dec, 1e-9), gguf=path)
+        print("\n".join("[hybrimoe] " + ln for ln in summary_lines(s)))
+        if args.timeline:
+            from .timeline import write_chrome_trace
+
+            n = write_chrome_trace(runtime, args.timeline)
+            print(f"[hybrimoe] timeline: {n} slices -> {args.timeline} (open in https://ui.perfetto.dev)")
+        if args.plot:
+            from .timeline import plot_step
+
+            plot_step(runtime, args.plot)
+            print(f"[hybrimoe] plot of the last decode step -> {args.plot}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(s, f, indent=1, default=str)
+        return 0
+    except (HybrimoeError, FileNotFoundError, IsADirectoryError, _Fail) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _chat(model, tok, runtime, args) -> int:
+    history = []
+    print("[hybrimoe] chat: empty line or Ctrl-D to quit")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+        else:
+            ids = tok.encode("\n".join(m["content"] for m in history))
+        new, _, _ = _run_once(model, tok, runtime, list(ids), args)
+        history.append({"role": "assistant", "content": tok.decode(new, skip_special_tokens=True)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
