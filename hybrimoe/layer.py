@@ -165,7 +165,11 @@ class HybridRuntime:
         self.stats = {layer: LayerStats() for layer in self.moe_layers}
         self.timeline: list[dict] = []
         self.step = 0
-        self._pending_prefetch: dict[int, set] = {}
+        self.record_routing = False  # generate --trace-out: keep every layer's routing
+        self._routing_log: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+        # Benchmarks only: route_override(layer, x) -> (ids, weights, probs) or None replaces the
+        # router's choice (routing replayed from a real trace); kernels, cache and transfers run as usual.
+        self.route_override = None
 
     # -------------------------------------------------------------------------- helpers
     def _pool(self, i: int) -> int:
@@ -298,6 +302,9 @@ class HybridRuntime:
         T_, H = x.shape
         ids_np = ids.cpu().numpy()
         experts, counts = np.unique(ids_np, return_counts=True)
+        if self.record_routing:
+            p_np = probs.float().cpu().numpy()
+            self._routing_log.append((self.step, layer, ids_np.copy(), np.take_along_axis(p_np, ids_np, 1)))
         if self.prefetcher is not None:
             self.prefetcher.record(i, experts)
         self.cache.observe(i, probs.float().cpu().numpy())
@@ -401,6 +408,28 @@ class HybridRuntime:
             self.transfers.load(self._pool(o.layer), slot, self._span(layer, o.expert), prefetch=True)
             self.stats[self.moe_layers[i]].prefetch_issued += 1
 
+    def routing_trace(self, name: str = "hybrimoe run"):
+        """The recorded routing as a hybrimoe.traces.Trace (step 0 = prefill, later steps decode)."""
+        from .traces import DECODE, PREFILL, Trace
+
+        by_step: dict[int, dict[int, tuple]] = {}
+        for step, layer, ids, sc in self._routing_log:
+            by_step.setdefault(step, {})[layer] = (ids, sc)
+        rows_ids, rows_sc, phase = [], [], []
+        for step in sorted(by_step):
+            d = by_step[step]
+            if sorted(d) != list(self.moe_layers):
+                continue  # an incomplete step (interrupted run)
+            rows_ids.append(np.stack([d[layer][0] for layer in self.moe_layers], 1))
+            rows_sc.append(np.stack([d[layer][1] for layer in self.moe_layers], 1))
+            phase += [PREFILL if step == 0 else DECODE] * rows_ids[-1].shape[0]
+        if not rows_ids:
+            raise HybrimoeError("no complete step of routing was recorded")
+        ids = np.concatenate(rows_ids).astype(np.int16)
+        return Trace(ids, np.concatenate(rows_sc).astype(np.float32), np.asarray(phase, np.uint8),
+                     np.zeros(len(phase), np.int32), np.asarray(self.moe_layers, np.int16), self.n_experts,
+                     name=name, score_kind="softmax_topk", source="hybrimoe.generate --trace-out")
+
     # -------------------------------------------------------------------------- summary
     def summary(self) -> dict:
         tot = LayerStats()
@@ -446,7 +475,8 @@ class HybridMoELayer(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
-        ids, w, probs = reference.route(x, self.router_weight, self.routing)
+        r = None if self.runtime.route_override is None else self.runtime.route_override(self.layer, x)
+        ids, w, probs = r if r is not None else reference.route(x, self.router_weight, self.routing)
         y = self.runtime.moe(self.layer, x, ids, w, probs)
         if self.shared is not None:
             s = self.shared(x).float()
