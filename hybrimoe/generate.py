@@ -110,7 +110,7 @@ def load(args):
     runtime = HybridRuntime(store, cfg)
     runtime.record_routing = bool(args.trace_out)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, _, _ = load_gguf_model(gm, device=device, dtype=dtype, progress=True,
+    model, _, _ = load_gguf_model(gm, device=device, dtype=dtype, progress=True, store=store,
                                   moe_factory=hybrid_factory(runtime))
     tok = load_tokenizer(gm, args.tokenizer)
     return model, tok, runtime, path

@@ -12,6 +12,7 @@ one expert) and every kernel that reads a slot, so a slot is addressed by a sing
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from .formats import qtype_name, row_bytes
 
@@ -31,36 +32,36 @@ class ExpertLayout:
     down_type: int
     pad_to: int = 0  # minimum slot size: a byte budget shared by layers uses one slot size for all
 
-    @property
+    @cached_property
     def gate_bytes(self) -> int:
         return self.inter * row_bytes(self.gate_type, self.hidden, "ffn_gate")
 
-    @property
+    @cached_property
     def up_bytes(self) -> int:
         return self.inter * row_bytes(self.up_type, self.hidden, "ffn_up")
 
-    @property
+    @cached_property
     def down_bytes(self) -> int:
         return self.hidden * row_bytes(self.down_type, self.inter, "ffn_down")
 
-    @property
+    @cached_property
     def gate_offset(self) -> int:
         return 0
 
-    @property
+    @cached_property
     def up_offset(self) -> int:
         return _align(self.gate_bytes)
 
-    @property
+    @cached_property
     def down_offset(self) -> int:
         return self.up_offset + _align(self.up_bytes)
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         """Bytes of one expert slot (gate, up, down, each aligned; at least pad_to)."""
         return max(self.down_offset + _align(self.down_bytes), _align(self.pad_to))
 
-    @property
+    @cached_property
     def weight_bytes(self) -> int:
         """Bytes of quantized weights proper (what a kernel must read), without padding."""
         return self.gate_bytes + self.up_bytes + self.down_bytes
