@@ -190,7 +190,7 @@ class GGUFModel:
         shared_ffn = self._key("expert_shared_feed_forward_length", int, 0)
         if arch == "deepseek2" and n_shared:
             shared_ffn = shared_ffn or n_shared * expert_ffn
-        if arch == "qwen2moe" and f"blk.0.ffn_up_shexp.weight" in self.tensors:
+        if arch == "qwen2moe" and "blk.0.ffn_up_shexp.weight" in self.tensors:
             n_shared = n_shared or 1
             shared_ffn = shared_ffn or int(self.tensors["blk.0.ffn_up_shexp.weight"].shape[1])
         n_heads = self._key("attention.head_count", int, 0)

@@ -4,7 +4,6 @@ Every schedule mode and cache policy must give the reference MoE output (the pla
 where an expert runs, never what it computes); every (token, expert) pair is computed exactly
 once; the cache never exceeds its budget."""
 
-import numpy as np
 import pytest
 import torch
 
