@@ -86,7 +86,7 @@ HM_HD float half_to_float(half_bits h) {
         bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
     }
     float f;
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)  // device pass only: the intrinsic does not exist on the host side
     f = __uint_as_float(bits);
 #else
     std::memcpy(&f, &bits, sizeof(f));
@@ -111,5 +111,48 @@ HM_HD int block_elems(int qtype) {
         default: return 0;
     }
 }
+
+
+// Bulk form of get_scale_min_k4 for all 8 sub-blocks at once, on 32-bit words (the same bit
+// layout, read four bytes at a time; the SIMD tiers use it, the ref tier calls get_scale_min_k4,
+// and the tier-vs-ref tests check they agree). q: the 12 scale bytes of a block_q4_K.
+// Results as two little-endian u64 (byte j = sub-block j), so SIMD code can move them straight
+// into a vector register (storing 4-byte halves and reloading 8 bytes defeats store forwarding).
+HM_HD void unpack_scales_mins_k4_u64(const uint8_t* q, uint64_t* sc, uint64_t* m) {
+    uint32_t a, b, c;
+    std::memcpy(&a, q, 4);
+    std::memcpy(&b, q + 4, 4);
+    std::memcpy(&c, q + 8, 4);
+    const uint32_t s03 = a & 0x3f3f3f3fu;                                     // sc[0..3]
+    const uint32_t m03 = b & 0x3f3f3f3fu;                                     // m[0..3]
+    const uint32_t s47 = (c & 0x0f0f0f0fu) | (((a >> 6) & 0x03030303u) << 4); // sc[4..7]
+    const uint32_t m47 = ((c >> 4) & 0x0f0f0f0fu) | (((b >> 6) & 0x03030303u) << 4);
+    *sc = (uint64_t)s03 | ((uint64_t)s47 << 32);
+    *m = (uint64_t)m03 | ((uint64_t)m47 << 32);
+}
+HM_HD void unpack_scales_mins_k4(const uint8_t* q, uint8_t sc[8], uint8_t m[8]) {
+    uint64_t s, n;
+    unpack_scales_mins_k4_u64(q, &s, &n);
+    std::memcpy(sc, &s, 8);
+    std::memcpy(m, &n, 8);
+}
+
+// Activation blocks (ours, not GGUF): a token's activations quantized on the fly to int8 so the
+// SIMD tiers can use integer dot products (maddubs / VNNI). Symmetric, |q| <= 127.
+// For K-quant weights: one fp32 scale per 256, plus sums of each 16 quants (for the Q4_K mins
+// and the Q6_K -32 offset).
+struct block_q8_K_act {
+    float d;
+    int8_t qs[QK_K];
+    int16_t bsums[QK_K / 16];
+};
+// For Q5_0 / Q8_0 weights: one fp32 scale per 32, and s = d * sum(qs) (for the Q5_0 -16 offset).
+struct block_q8_0_act {
+    float d;
+    float s;
+    int8_t qs[QK8_0];
+};
+static_assert(sizeof(block_q8_K_act) == 292, "block_q8_K_act layout");
+static_assert(sizeof(block_q8_0_act) == 40, "block_q8_0_act layout");
 
 }  // namespace hybrimoe
