@@ -10,9 +10,11 @@ experts of one layer do not add up), keeps only positive gains, at most `prefetc
 (0 = off), and only as much transfer time as fits the PCIe idle time before the target layer
 (`idle_before`, see `idle_budget`).
 
-Demand first: prefetches are only issued into idle time; the transfer engine (runtime) and the
-simulator let every demand load overtake a queued or running prefetch, so a prefetch never delays
-a demand load. A prefetch still in flight when its layer is routed and used becomes that layer's
+Demand first: prefetches are only issued into the link's idle time as the plan computes it. With
+whole-expert copies (hybrimoe.transfer) the budget is the window before the next layer's MoE
+phase, so every prefetch ends before the next demand load can be issued; with preemptible
+(chunked) copies a demand load overtakes a running prefetch and the budget may span layers.
+Either way a prefetch never delays a demand load. A prefetch still in flight when its layer is routed and used becomes that layer's
 first transfer (its remaining time shows up as `pcie_busy`/`ready` in that layer's plan).
 """
 
@@ -52,14 +54,18 @@ class PrefetchOrder:
 
 
 def idle_budget(layer: int, moe_makespan: float, pcie_end: float, next_dense: float, backlog: float,
-                horizon: int, n_layers: int) -> dict[int, float]:
-    """PCIe idle seconds expected before each of layers layer+1..layer+horizon starts its MoE phase.
+                horizon: int, n_layers: int, spans_layers: bool = False) -> dict[int, float]:
+    """PCIe idle seconds a prefetch issued now may use, per target layer layer+1..layer+horizon.
 
-    This layer leaves w = (makespan - pcie_end) + next_dense idle; later layers are assumed to
-    leave the same (the best estimate at hand). `backlog`: prefetch transfer time already queued.
+    This layer leaves w = (makespan - pcie_end) + next_dense idle before the next layer's demand
+    loads can start; `backlog` = prefetch transfer time already queued. With whole-expert,
+    non-preemptible copies (spans_layers=False) every prefetch must end inside this window:
+    w - backlog for every target. With preemptible (chunked) copies a prefetch for layer+d may
+    also use the idle time of the layers in between, assumed equal to w: d * w - backlog.
     """
     w = max(0.0, moe_makespan - pcie_end) + next_dense
-    return {layer + d: d * w - backlog for d in range(1, horizon + 1) if layer + d < n_layers}
+    return {layer + d: (d if spans_layers else 1) * w - backlog
+            for d in range(1, horizon + 1) if layer + d < n_layers}
 
 
 class Prefetcher:
@@ -86,7 +92,7 @@ class Prefetcher:
         if self.prefetch_size <= 0:
             return []
         chosen: dict[int, list[int]] = {}
-        used: dict[int, float] = {}
+        used = 0.0
         cands = []
         for tl, p in predictions.items():
             if not 1 <= tl - layer <= self.horizon or idle_before.get(tl, 0.0) < self.costs.transfer_time(tl):
@@ -114,11 +120,9 @@ class Prefetcher:
                 break
             tr = self.costs.transfer_time(tl)
             cands.remove((tl, e, pr))
-            if used.get(tl, 0.0) + tr > idle_before.get(tl, 0.0):
+            if used + tr > idle_before.get(tl, 0.0):
                 continue  # does not fit before its layer; try the next best
-            for t2 in list(idle_before):
-                if t2 >= tl:  # a transfer before layer tl also uses idle time before later layers
-                    used[t2] = used.get(t2, 0.0) + tr
+            used += tr  # the link is FIFO: every earlier pick goes before this one
             chosen.setdefault(tl, []).append(e)
             base.pop(tl, None)
             out.append(PrefetchOrder(tl, e, g, tr))

@@ -151,3 +151,19 @@ def test_config_errors_name_the_problem():
         ExpertCache(1, 4, policy="lru")
     with pytest.raises(CacheConfigError, match="static_counts"):
         ExpertCache(1, 4, capacity=2, policy="static")
+
+
+def test_prefetch_guard_until_target_layer_is_routed():
+    # LRU would evict the older prefetch (3) for the newer one (5); the guard keeps it until
+    # layer 0 has been routed, except for a demand load with nothing else to evict
+    c = ExpertCache(1, 6, capacity=2, policy="lru", warm="none")
+    c.admit(0, 3, prefetch=True)
+    c.admit(0, 4, prefetch=True)
+    assert c.admit(0, 5, prefetch=True) == (None, None)
+    assert not c.can_admit(0, 5) and c.can_admit(0, 5, prefetch=False)
+    c.access(0, [4])  # layer 0 routed: guard released
+    assert c.admit(0, 5, prefetch=True)[1] == (0, 3)
+    d = ExpertCache(1, 6, capacity=2, policy="lru", warm="none", guard_prefetch=False)
+    d.admit(0, 3, prefetch=True)
+    d.admit(0, 4, prefetch=True)
+    assert d.admit(0, 5, prefetch=True)[1] == (0, 3)

@@ -62,9 +62,12 @@ def test_off_too_little_idle_time_and_resident_experts():
     assert len(orders) == 1 and orders[0].expert in (5, 6)  # 2 is resident: never a candidate
 
 
-def test_idle_budget_grows_with_distance_and_subtracts_backlog():
-    b = idle_budget(3, moe_makespan=2.0, pcie_end=0.5, next_dense=0.5, backlog=1.0, horizon=3, n_layers=6)
-    assert b == {4: 1.0, 5: 3.0}  # w = 2.0 per layer; layer 6 does not exist
+def test_idle_budget_whole_copies_vs_preemptive():
+    kw = dict(moe_makespan=2.0, pcie_end=0.5, next_dense=0.5, backlog=1.0, horizon=3, n_layers=6)
+    # whole-expert DMA: everything must end before layer 4's demand loads: w - backlog = 2 - 1
+    assert idle_budget(3, **kw) == {4: 1.0, 5: 1.0}
+    # preemptive: layer 3+d may use d windows; layer 6 does not exist
+    assert idle_budget(3, spans_layers=True, **kw) == {4: 1.0, 5: 3.0}
 
 
 def test_accuracy_tracking():
@@ -77,21 +80,37 @@ def test_accuracy_tracking():
 
 
 @pytest.mark.skipif(not FLAME.is_file(), reason=f"trace not found at {FLAME}")
-def test_prefetch_never_delays_a_demand_load():
-    # slow transfers relative to the layer: prefetches stay in flight across layers
+@pytest.mark.parametrize("pcie", ["whole", "preemptive"])
+def test_prefetch_never_delays_a_demand_load(pcie):
     tr = load_trace(FLAME).subset(slice(0, 96))
     costs = CostModel.paper_a6000("deepseek-v2-lite")
     cache = ExpertCache(tr.n_layers, tr.n_experts, capacity=16, policy="mrs", top_k=tr.top_k)
-    res = simulate(tr, cache, costs, "gpu-only", Prefetcher(costs, 2), OraclePredictor(tr), log=True)
-    checked = 0
+    res = simulate(tr, cache, costs, "hybrid", Prefetcher(costs, 2), OraclePredictor(tr), log=True, pcie=pcie)
+    loads = queued = 0
     for row in res.layer_log:
         pl = row["plan"]
-        pcie = [ev for ev in pl.events if ev[0] == "pcie"]
+        # no layer ever starts with the link still busy with a prefetch it did not ask for
+        assert row["head_block"] == pytest.approx(0.0, abs=1e-12)
+        assert row["pcie_busy"] == 0 or row["promoted"]
         if pl.loads:
-            # demand transfers start right after this layer's own promoted prefetches, whatever
-            # else was queued (row["backlog"] > 0 means other prefetches were still in flight)
-            assert pcie[0][2] == pytest.approx(row["pcie_busy"])
-            assert row["pcie_busy"] == 0 or row["promoted"]
-            checked += row["backlog"] > 0
-    assert checked > 0, "no layer had a demand load while a prefetch was queued: the test proves nothing"
-    assert res.stats["prefetch_used"] > 0
+            # demand transfers start right after this layer's own promoted prefetches
+            pcie_ev = [ev for ev in pl.events if ev[0] == "pcie"]
+            assert pcie_ev[0][2] == pytest.approx(row["pcie_busy"])
+            loads += 1
+            queued += row["backlog"] > 0
+    assert loads > 0 and res.stats["prefetch_used"] > 0, "no demand loads or no prefetch: the test proves nothing"
+    if pcie == "preemptive":
+        assert queued > 0, "no demand load ran while a prefetch was queued: the test proves nothing"
+
+
+def test_whole_copy_prefetch_would_block_without_the_budget(monkeypatch):
+    # control for the test above: with a budget that ignores the window, a started prefetch
+    # is still running when the next layer starts, and the simulator reports it as head_block
+    import hybrimoe.sim as sim
+
+    monkeypatch.setattr(sim, "idle_budget", lambda layer, *a, **k: {layer + d: 1.0 for d in (1, 2, 3)})
+    tr = load_trace(FLAME).subset(slice(0, 48)) if FLAME.is_file() else pytest.skip("no trace")
+    costs = CostModel.paper_a6000("deepseek-v2-lite")
+    cache = ExpertCache(tr.n_layers, tr.n_experts, capacity=16, policy="mrs", top_k=tr.top_k)
+    res = simulate(tr, cache, costs, "hybrid", Prefetcher(costs, 2), OraclePredictor(tr), log=True)
+    assert max(r["head_block"] for r in res.layer_log) > 0

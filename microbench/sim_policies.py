@@ -1,0 +1,96 @@
+"""Cache/prefetch/schedule policies on the shared routing traces, with the paper-A6000 cost model.
+
+    python microbench/sim_policies.py [--traces ../shared/traces] [--out microbench/results/sim_sweep_<date>.json]
+
+No GPU: this replays traces through hybrimoe.sim (the runtime's cache, scheduler and prefetcher
+objects on a cost-model clock). Rows: policy x cache 25/50/75% x prefetch 0/2 (learned predictor,
+whole-expert DMA like hybrimoe.transfer), MIN and the lower bound; prefetch-2 variants with the
+oracle predictor and a preemptive (chunked) link; and the five schedules at 25% cache. Written as one JSON tagged with date, commit and cost model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hybrimoe.costs import CostModel  # noqa: E402
+from hybrimoe.sim import _concat, format_table, run_one, schedule_compare, sweep  # noqa: E402
+from hybrimoe.traces import load_trace  # noqa: E402
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--traces", default=str(ROOT.parent / "shared" / "traces"))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--max-tokens", type=int, default=None)
+    a = ap.parse_args()
+    tdir = Path(a.traces)
+    sets = {
+        "flame-290m (DeepSeek-V2-Lite layout), 4x512 stream tokens": (
+            [tdir / "flame-moe-290m_dynande" / "flame290m_prefill_4x512tok_8layers_top6.npz"], "deepseek-v2-lite"),
+        "mixtral-8x7b decode, humaneval+gsm8k (4 prompts)": (
+            [tdir / "mixtral8x7b_speculative-moe" / "humaneval_2_routing.jsonl",
+             tdir / "mixtral8x7b_speculative-moe" / "gsm8k_2_routing.jsonl"], "mixtral"),
+    }
+    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "commit": commit(), "device": "simulated (cost model paper-a6000)", "sets": []}
+    for label, (paths, model) in sets.items():
+        tr = _concat([load_trace(p) for p in paths])
+        if a.max_tokens:
+            tr = tr.subset(slice(0, a.max_tokens))
+        costs = CostModel.paper_a6000(model)
+        t0 = time.time()
+        rows = sweep(tr, costs, predictor="learned")
+        cap25 = max(tr.top_k, round(0.25 * tr.n_experts))
+        extra = []  # prefetch 2 with the other predictor and link model (mrs, lru)
+        for f in (0.25, 0.5, 0.75):
+            cap = max(tr.top_k, round(f * tr.n_experts))
+            for pol in ("mrs", "lru"):
+                for pred, pcie in (("learned", "preemptive"), ("oracle", "whole"), ("oracle", "preemptive")):
+                    r = run_one(tr, costs, pol, cap, "hybrid", 2, pred, pcie=pcie)
+                    extra.append({"cache_frac": f, "capacity": cap, "policy": pol, "prefetch": 2,
+                                  "predictor": pred, "pcie": pcie, "hit_rate": r.stats["hit_rate"],
+                                  "ms_per_token": 1e3 * r.s_per_token,
+                                  "hits_in_flight": r.stats["hits_in_flight"],
+                                  "prefetch_used": r.stats["prefetch_used"],
+                                  "prefetch_wasted": r.stats["prefetch_wasted"],
+                                  "pred_acc_d1": r.accuracy.get(1, float("nan"))})
+        sched = schedule_compare(tr, costs, cap25)
+        print(f"## {label}: {tr.n_tokens} tokens x {tr.n_layers} layers, top-{tr.top_k} of {tr.n_experts}, "
+              f"{costs.name} ({time.time() - t0:.0f} s)")
+        print(format_table(rows))
+        print("prefetch 2, other predictor / link model (hybrid):",
+              *(f"{o['cache_frac']:.0%} {o['policy']:>4} {o['predictor']:>8} {o['pcie']:>10}: hit "
+                f"{o['hit_rate']:.3f} ({o['hits_in_flight']} in flight) {o['ms_per_token']:.3f} ms/token"
+                for o in extra), sep="\n  ")
+        print("schedules at 25%, mrs, no prefetch:",
+              *(f"{s['schedule']:>10} {s['ms_per_token']:8.3f} ms/token" for s in sched), sep="\n  ")
+        out["sets"].append({"label": label, "trace": tr.name, "tokens": tr.n_tokens, "layers": tr.n_layers,
+                            "top_k": tr.top_k, "experts": tr.n_experts, "costs": costs.name,
+                            "costs_model": json.loads(costs.to_json()), "rows": rows, "prefetch_variants": extra,
+                            "schedules": sched})
+    path = Path(a.out) if a.out else ROOT / "microbench" / "results" / f"sim_sweep_{datetime.date.today()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
