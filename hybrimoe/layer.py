@@ -397,7 +397,9 @@ class HybridRuntime:
             preds[j] = Prediction(e, c, np.clip(pr[e] * self.top_k, 0.0, 1.0))
         if not preds:
             return
-        idle = idle_budget(i, p.makespan, p.pcie_end, 0.0, 0.0, self.prefetcher.horizon, len(self.moe_layers))
+        # backlog: transfer time of prefetches still on the link, so the idle budget is not overcommitted
+        backlog = self.transfers.prefetches_in_flight() * self.costs.transfer_time(i)
+        idle = idle_budget(i, p.makespan, p.pcie_end, 0.0, backlog, self.prefetcher.horizon, len(self.moe_layers))
         orders = self.prefetcher.choose(i, preds, self.cache, idle_before=idle)
         for o in orders:
             slot, _ = self.cache.admit(o.layer, o.expert, prefetch=True,

@@ -69,6 +69,8 @@ class TransferEngine:
                 done = torch.cuda.Event(enable_timing=self.record)
                 done.record(stream)
             self._copy_done[pool][slot] = done
+            if prefetch:
+                self._inflight = getattr(self, "_inflight", []) + [done]
             if self.record:
                 self.events.append(("prefetch" if prefetch else "load", pool, slot, n, start, done))
         else:
@@ -81,6 +83,13 @@ class TransferEngine:
             self.stats.prefetch_loads += 1
         else:
             self.stats.demand_loads += 1
+
+    def prefetches_in_flight(self) -> int:
+        """Prefetch copies issued but not finished (always 0 on the host, where copies are synchronous)."""
+        if not self.cuda:
+            return 0
+        self._inflight = [ev for ev in getattr(self, "_inflight", []) if not ev.query()]
+        return len(self._inflight)
 
     def wait_slots(self, pool: int, slots) -> None:
         """Make the current stream wait for the copies into `slots` (no-op on the host)."""
