@@ -184,17 +184,20 @@ class CostModel:
 
 
 # ---------------------------------------------------------------------------- calibration
-def machine_id(gpu_name: str = "") -> str:
-    """Host name + CPU model (+ the GPU name the caller passes; nothing probes CUDA here)."""
-    cpu = platform.processor()
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else platform.processor()."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{platform.node()}|{cpu}|{os.cpu_count()}|{gpu_name}"
+    return platform.processor() or platform.machine()
+
+
+def machine_id(gpu_name: str = "") -> str:
+    """Host name + CPU model (+ the GPU name the caller passes; nothing probes CUDA here)."""
+    return f"{platform.node()}|{cpu_model()}|{os.cpu_count()}|{gpu_name}"
 
 
 def cache_path(cache_dir: str | Path, machine: str, shape_key: str) -> Path:

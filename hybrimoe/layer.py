@@ -32,10 +32,10 @@ from .cache import ExpertCache
 from .costs import CostModel, calibrate, load_or_calibrate
 from .errors import HybrimoeError, ModelConfigError
 from .formats import QuantTensor
-from .layout import ExpertLayout
 from .prefetch import Prediction, Prefetcher, idle_budget
 from .reference import RoutingConfig
 from .scheduler import MODES, plan as make_plan
+from .store import expert_views
 from .transfer import TransferEngine
 
 
@@ -183,12 +183,8 @@ class HybridRuntime:
 
     def _slot_weights(self, i: int, slot: int) -> tuple[QuantTensor, QuantTensor, QuantTensor]:
         """QuantTensor views of an expert in a (host) slot arena — the emulated GPU reads these."""
-        lay: ExpertLayout = self.layouts[i]
-        s = self.transfers.arenas[self._pool(i)][slot].numpy()
-        H, inter = lay.hidden, lay.inter
-        return (QuantTensor(s[lay.gate_offset:lay.gate_offset + lay.gate_bytes].reshape(inter, -1), lay.gate_type, (inter, H)),
-                QuantTensor(s[lay.up_offset:lay.up_offset + lay.up_bytes].reshape(inter, -1), lay.up_type, (inter, H)),
-                QuantTensor(s[lay.down_offset:lay.down_offset + lay.down_bytes].reshape(H, -1), lay.down_type, (H, inter)))
+        w = expert_views(self.transfers.arenas[self._pool(i)][slot].numpy(), self.layouts[i])
+        return (w.gate, w.up, w.down)
 
     def _host_weights(self, layer: int, e: int):
         w = self.store.expert(layer, e)

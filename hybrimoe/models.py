@@ -47,11 +47,10 @@ from torch import nn
 
 from . import formats
 from .errors import ModelConfigError, QuantShapeError
-from .formats import QuantTensor
 from .gguf_model import GGUFModel, MoEConfig
 from .layout import ExpertLayout
 from .reference import RoutingConfig, moe_forward
-from .store import ExpertStore, ExpertWeights
+from .store import ExpertStore, ExpertWeights, expert_views
 
 # --------------------------------------------------------------------------- arch tables ------
 # GGUF arch -> (transformers model_type, config class name, causal-LM class name)
@@ -548,13 +547,7 @@ class ArrayExpertStore:
 
     def expert(self, layer: int, e: int) -> ExpertWeights:
         self._check(layer, e)
-        lay, s = self._layouts[layer], self._arena[layer][e]
-        H, inter = self.config.hidden, self.config.expert_ffn
-        g = s[lay.gate_offset: lay.gate_offset + lay.gate_bytes].reshape(inter, -1)
-        u = s[lay.up_offset: lay.up_offset + lay.up_bytes].reshape(inter, -1)
-        d = s[lay.down_offset: lay.down_offset + lay.down_bytes].reshape(H, -1)
-        return ExpertWeights(QuantTensor(g, lay.gate_type, (inter, H)), QuantTensor(u, lay.up_type, (inter, H)),
-                             QuantTensor(d, lay.down_type, (H, inter)))
+        return expert_views(self._arena[layer][e], self._layouts[layer])
 
     def pack(self, layers=None, pin: bool | None = None) -> None:
         """No-op: the arena is built at construction."""

@@ -39,6 +39,17 @@ class ExpertWeights:
         return self.gate.nbytes + self.up.nbytes + self.down.nbytes
 
 
+def expert_views(span: np.ndarray, lay: ExpertLayout) -> ExpertWeights:
+    """Zero-copy QuantTensor views of one expert slot `span` (uint8 (>= lay.nbytes,)) laid out as
+    [gate | up | down] by `lay` — used for host arenas, emulated GPU slots and in-memory stores."""
+    H, inter = lay.hidden, lay.inter
+    return ExpertWeights(
+        QuantTensor(span[lay.gate_offset: lay.gate_offset + lay.gate_bytes].reshape(inter, -1), lay.gate_type, (inter, H)),
+        QuantTensor(span[lay.up_offset: lay.up_offset + lay.up_bytes].reshape(inter, -1), lay.up_type, (inter, H)),
+        QuantTensor(span[lay.down_offset: lay.down_offset + lay.down_bytes].reshape(H, -1), lay.down_type, (H, inter)),
+    )
+
+
 class ExpertStore:
     """Per (layer, expert) raw gate/up/down blocks of a GGUFModel.
 
@@ -87,15 +98,11 @@ class ExpertStore:
     def expert(self, layer: int, e: int) -> ExpertWeights:
         self._check(layer, e)
         lay = self._layouts[layer]
-        H, inter = self.config.hidden, self.config.expert_ffn
         if layer in self._arena:
-            s = self._arena[layer][e]
-            g = s[lay.gate_offset: lay.gate_offset + lay.gate_bytes].reshape(inter, -1)
-            u = s[lay.up_offset: lay.up_offset + lay.up_bytes].reshape(inter, -1)
-            d = s[lay.down_offset: lay.down_offset + lay.down_bytes].reshape(H, -1)
-        else:
-            gt, ut, dt = self._tensors[layer]
-            g, u, d = gt[e], ut[e], dt[e]
+            return expert_views(self._arena[layer][e], lay)
+        H, inter = self.config.hidden, self.config.expert_ffn
+        gt, ut, dt = self._tensors[layer]
+        g, u, d = gt[e], ut[e], dt[e]
         return ExpertWeights(
             QuantTensor(g, lay.gate_type, (inter, H)),
             QuantTensor(u, lay.up_type, (inter, H)),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 import subprocess
 
 
@@ -18,15 +17,9 @@ def device_name() -> str:
             return torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from hybrimoe.costs import cpu_model
+
+    model = cpu_model()
     return f"{model} ({os.cpu_count()} cpus)"
 
 
@@ -42,8 +35,9 @@ def commit() -> str:
         return "unknown"
 
 
-def write_results(bench: str, rows: list[dict], path: str | None, **extra) -> dict:
-    doc = {"bench": bench, "device": device_name(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+def write_results(bench: str, rows: list[dict], path: str | None, device: str | None = None, **extra) -> dict:
+    """The result document {bench, device, date, commit, **extra, rows}; written to `path` if given."""
+    doc = {"bench": bench, "device": device or device_name(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "commit": commit(), **extra, "rows": rows}
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -21,12 +21,8 @@ Usage: python microbench/cpu_kernels.py [--quick] [--json PATH]
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -34,6 +30,10 @@ import numpy as np
 import torch
 
 from hybrimoe import cpu, formats as F, synth
+from hybrimoe.costs import cpu_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_results  # noqa: E402
 
 # name -> (rows, cols, qtype): y = x @ W.T with W (rows, cols)
 SHAPES = {
@@ -65,26 +65,7 @@ def l3_bytes() -> int:
 
 
 def device_name() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cpus, L3 {l3_bytes() >> 20} MiB, tier {cpu.tier()}"
-
-
-def commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        h = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
-                               text=True).stdout.strip()
-        return h + ("-dirty" if dirty else "")
-    except OSError:
-        return "unknown"
+    return f"{cpu_model()}, {os.cpu_count()} cpus, L3 {l3_bytes() >> 20} MiB, tier {cpu.tier()}"
 
 
 def timeit(calls, budget_s: float, min_reps: int = 5, max_reps: int = 400):
@@ -245,21 +226,10 @@ def main(argv=None):
         bench_shape(name, *SHAPES[name], tokens, threads_list, budget, rng, rows, f32act=True)
     bench_moe([1, 16] if args.quick else [1, 16, 128], threads_list, budget, rng, rows)
     cpu.set_num_threads(n_phys)
-    result = {
-        "bench": "cpu_kernels",
-        "device": device_name(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit(),
-        "quick": args.quick,
-        "load_average_at_start": os.getloadavg(),
-        "seconds": round(time.time() - t0, 1),
-        "rows": rows,
-    }
-    print(f"# {len(rows)} rows in {result['seconds']} s", flush=True)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    seconds = round(time.time() - t0, 1)
+    print(f"# {len(rows)} rows in {seconds} s", flush=True)
+    result = write_results("cpu_kernels", rows, args.json, device=device_name(), quick=args.quick,
+                           load_average_at_start=os.getloadavg(), seconds=seconds)
     return result
 
 
