@@ -388,9 +388,10 @@ class HybridRuntime:
                 break
             ids, _w, probs = reference.route(x.float(), r[0].to(x.device).float(), r[1])
             e, c = np.unique(ids.cpu().numpy(), return_counts=True)
-            pr = probs.float().mean(0).cpu().numpy()
-            # confidence: predicted experts of the next layer are right ~half the time on real traces
-            preds[j] = Prediction(e, c, np.clip(pr[e] * self.top_k, 0.0, 1.0))
+            # confidence = this run's measured recall of predictions made d layers ahead (0.5 until
+            # there is a measurement): the prefetcher weighs each candidate's gain by it
+            prob = self.prefetcher.accuracy().get(d, 0.5)
+            preds[j] = Prediction(e, c, np.full(len(e), prob))
         if not preds:
             return
         # backlog: transfer time of prefetches still on the link, so the idle budget is not overcommitted
