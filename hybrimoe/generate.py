@@ -82,7 +82,8 @@ def load(args):
     path = args.gguf
     if path is None:
         path = synth.ensure_preset(args.preset)
-        print(f"[hybrimoe] no --gguf: using the embedded synthetic model '{args.preset}' ({path})")
+        print(f"[hybrimoe] no --gguf: using the embedded synthetic model '{args.preset}' ({path}); "
+              "its weights are random, so its text is noise — the numbers below are the point")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise _Fail("--device cuda: CUDA is not available on this machine (use --device cpu)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

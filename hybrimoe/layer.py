@@ -111,6 +111,7 @@ class HybridRuntime:
         if cfg.schedule not in MODES:
             raise HybrimoeError(f"unknown schedule {cfg.schedule!r} (expected one of {', '.join(MODES)})")
         self.store, self.config = store, cfg
+        self._views: dict[tuple, tuple] = {}
         mc = store.config
         self.moe_layers = tuple(store.layers)
         self.index = {layer: i for i, layer in enumerate(self.moe_layers)}
@@ -182,13 +183,23 @@ class HybridRuntime:
         return self.cpu.tier() if self.cpu is not None else "reference (extension not built)"
 
     def _slot_weights(self, i: int, slot: int) -> tuple[QuantTensor, QuantTensor, QuantTensor]:
-        """QuantTensor views of an expert in a (host) slot arena — the emulated GPU reads these."""
-        w = expert_views(self.transfers.arenas[self._pool(i)][slot].numpy(), self.layouts[i])
-        return (w.gate, w.up, w.down)
+        """QuantTensor views of an expert in a (host) slot arena — the emulated GPU reads these.
+        Memoised: the arenas never move, so a (layer, slot) view stays valid."""
+        key = ("slot", i, slot)
+        w = self._views.get(key)
+        if w is None:
+            v = expert_views(self.transfers.arenas[self._pool(i)][slot].numpy(), self.layouts[i])
+            w = self._views[key] = (v.gate, v.up, v.down)
+        return w
 
     def _host_weights(self, layer: int, e: int):
-        w = self.store.expert(layer, e)
-        return (w.gate, w.up, w.down)
+        """The expert's host blocks (views into the store's pinned arena), memoised per expert."""
+        key = ("host", layer, e)
+        w = self._views.get(key)
+        if w is None:
+            v = self.store.expert(layer, e)
+            w = self._views[key] = (v.gate, v.up, v.down)
+        return w
 
     def _ffn_submit(self, x: torch.Tensor, experts, toks, ws):
         """Fused FFN over (experts, token lists, weights) on the CPU pool; reference fallback."""
@@ -323,12 +334,15 @@ class HybridRuntime:
             st.bytes_moved += self.layouts[i].weight_bytes
             slot_of[e] = slot
         # CPU part: one fused call, submitted before the GPU part so both run together
-        x_host = x.detach().to("cpu", torch.float32).contiguous()
+        # host copies only when the host computes something (on CUDA each is a device->host copy)
+        need_host = bool(cpu_list) or not self.gpu_real
+        x_host = x.detach().to("cpu", torch.float32).contiguous() if need_host else None
+        w_np = w.detach().float().cpu().numpy() if need_host else None
         toks, wts, ws_cpu = [], [], []
         for e in cpu_list:
             tok, kk = np.nonzero(ids_np == e)
             toks.append(tok.astype(np.int64))
-            wts.append(w[tok, kk].detach().float().cpu().numpy() if w.device.type != "cpu" else w[tok, kk].numpy())
+            wts.append(w_np[tok, kk])
             ws_cpu.append(self._host_weights(layer, e))
         t_cpu0 = time.perf_counter()
         fut = self._ffn_submit(x_host, ws_cpu, toks, wts)
@@ -358,7 +372,7 @@ class HybridRuntime:
                     tok, kk = np.nonzero(ids_np == e)
                     g_ex.append(self._slot_weights(i, s))
                     g_tok.append(tok.astype(np.int64))
-                    g_w.append(w[tok, kk].detach().float().cpu().numpy())
+                    g_w.append(w_np[tok, kk])
                 y = self._ffn_submit(x_host, g_ex, g_tok, g_w).wait()
         t_gpu1 = time.perf_counter()
         st.gpu_s += t_gpu1 - t_gpu0
