@@ -24,6 +24,21 @@ _PRE_REGEX = {  # noqa: E501 (regexes kept on one line, as llama.cpp writes them
     "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",  # noqa: E501
     "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",  # noqa: E501
 }
+# Pre-tokenizers that llama.cpp runs as several regexes in turn, each splitting the pieces the
+# previous one left (DeepSeek-V2's GGUFs say "deepseek-llm"; llama-vocab.cpp lists the same).
+# Code points with a singleton canonical decomposition (U+1F7D, U+1FBE, U+1FD3, U+1FDB, U+2126,
+# U+212A) are written as \x{...}: editors and tools NFC-normalise them into other characters,
+# which would silently turn ranges around.
+_PRE_REGEX_SEQ = {
+    "deepseek-llm": (
+        r"[\r\n]",
+        r"\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-\x{1F7D}ᾀ-ᾴᾶ-ᾼ\x{1FBE}ῂ-ῄῆ-ῌῐ-\x{1FD3}ῖ-\x{1FDB}ῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤ\x{2126}ℨ\x{212A}-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",  # noqa: E501
+        r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
+        r"\s+$",
+        r"[一-龥ࠀ-一가-퟿]+",
+        r"\p{N}+",
+    ),
+}
 
 
 def _get(meta, key, typ=None, default=None):
@@ -48,9 +63,13 @@ def _bpe_tokenizer(meta, tokens: list[str]):
             pre_tokenizers.Split(Regex(_PRE_REGEX[pre]), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
+    elif pre in _PRE_REGEX_SEQ:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in _PRE_REGEX_SEQ[pre]]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
         raise ModelConfigError(f"{getattr(meta, 'path', 'GGUF')}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not "
-                               f"supported (known: {', '.join(sorted(set(_GPT2_NAMES) - {''} | set(_PRE_REGEX)))}); "
+                               f"supported (known: {', '.join(sorted(set(_GPT2_NAMES) - {''} | set(_PRE_REGEX) | set(_PRE_REGEX_SEQ)))}); "
                                "pass tokenizer_dir= a local copy of the model's Hugging Face tokenizer")
     tok.decoder = decoders.ByteLevel()
     return tok

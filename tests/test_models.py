@@ -370,6 +370,7 @@ def test_spm_tokenizer_through_transformers_converter():
     ("default", ["abc", "Ġ12345"]),             # GPT-2 regex: ' ?\p{N}+'
     ("llama-bpe", ["abc", "Ġ", "123", "45"]),   # digits in groups of at most 3
     ("qwen2", ["abc", "Ġ", "1", "2", "3", "4", "5"]),  # one digit per piece
+    ("deepseek-llm", ["abc", "Ġ", "12345"]),    # regexes in turn: letters, ..., then \p{N}+
 ])
 def test_bpe_pre_tokenizer_regex(paths, pre, pieces):
     gm = GGUFModel(paths["tiny"])
@@ -386,9 +387,9 @@ def test_tokenizer_errors():
         load_tokenizer(_Meta({}))
     with pytest.raises(ModelConfigError, match="'rwkv' is not supported.*tokenizer_dir"):
         load_tokenizer(_Meta({"tokenizer.ggml.model": "rwkv", "tokenizer.ggml.tokens": ["a"]}))
-    with pytest.raises(ModelConfigError, match="pre-tokenizer 'deepseek-llm'"):
+    with pytest.raises(ModelConfigError, match="pre-tokenizer 'deepseek-coder'"):
         load_tokenizer(_Meta({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
-                              "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.pre": "deepseek-llm"}))
+                              "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.pre": "deepseek-coder"}))
 
 
 @pytest.mark.gpu
