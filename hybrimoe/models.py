@@ -50,7 +50,7 @@ from .errors import ModelConfigError, QuantShapeError
 from .gguf_model import GGUFModel, MoEConfig
 from .layout import ExpertLayout
 from .reference import RoutingConfig, moe_forward
-from .store import ExpertStore, ExpertWeights, expert_views
+from .store import ExpertStore
 
 # --------------------------------------------------------------------------- arch tables ------
 # GGUF arch -> (transformers model_type, config class name, causal-LM class name)
@@ -490,8 +490,9 @@ def load_gguf_model(path, device="cpu", dtype=torch.float32, moe_factory: MoEFac
 
 
 # --------------------------------------------------------------------------- patch -----------
-class ArrayExpertStore:
-    """In-memory expert store with ExpertStore's interface, for patch(): quantized blocks in numpy.
+class ArrayExpertStore(ExpertStore):
+    """In-memory expert store with ExpertStore's interface, for patch(): quantized blocks in numpy
+    (ExpertStore's accessors, built from float weights instead of a GGUF file).
 
     layers: MoE layer indices; layout(layer): ExpertLayout; expert(layer, e): ExpertWeights
     (zero-copy views); span(layer, e): uint8 (layout.nbytes,) [gate | up | down]; arena_tensor(layer):
@@ -535,34 +536,8 @@ class ArrayExpertStore:
             self._arena[layer] = arena
             self._arena_t[layer] = buf
 
-    def _check(self, layer: int, e: int) -> None:
-        if layer not in self._layouts:
-            raise ModelConfigError(f"layer {layer} has no routed experts (MoE layers: {list(self.layers)})")
-        if not 0 <= e < self.config.n_experts:
-            raise ModelConfigError(f"expert index {e} out of range 0..{self.config.n_experts - 1}")
-
-    def layout(self, layer: int) -> ExpertLayout:
-        self._check(layer, 0)
-        return self._layouts[layer]
-
-    def expert(self, layer: int, e: int) -> ExpertWeights:
-        self._check(layer, e)
-        return expert_views(self._arena[layer][e], self._layouts[layer])
-
     def pack(self, layers=None, pin: bool | None = None) -> None:
         """No-op: the arena is built at construction."""
-
-    def span(self, layer: int, e: int) -> np.ndarray:
-        self._check(layer, e)
-        return self._arena[layer][e]
-
-    def arena_tensor(self, layer: int) -> torch.Tensor:
-        self._check(layer, 0)
-        return self._arena_t[layer]
-
-    def dequant_expert(self, layer: int, e: int):
-        w = self.expert(layer, e)
-        return w.gate.dequantize(), w.up.dequantize(), w.down.dequantize()
 
     @property
     def expert_bytes(self) -> int:

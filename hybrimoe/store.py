@@ -86,8 +86,8 @@ class ExpertStore:
 
     def _check(self, layer: int, e: int) -> None:
         if layer not in self._layouts:
-            raise ModelConfigError(f"{self.model.path}: layer {layer} has no routed experts "
-                                   f"(MoE layers are {self.layers[0]}..{self.layers[-1]})")
+            where = f"{self.model.path}: " if getattr(self, "model", None) is not None else ""
+            raise ModelConfigError(f"{where}layer {layer} has no routed experts (MoE layers: {list(self.layers)})")
         if not 0 <= e < self.config.n_experts:
             raise ModelConfigError(f"expert index {e} out of range 0..{self.config.n_experts - 1}")
 
@@ -140,6 +140,7 @@ class ExpertStore:
 
     def arena_tensor(self, layer: int):
         """The layer's host arena as a torch uint8 tensor (E, layout.nbytes), pinned if CUDA."""
+        self._check(layer, 0)
         if layer not in self._arena:
             self.pack([layer])
         return self._arena_t[layer]
