@@ -92,8 +92,9 @@ def load(args):
         # 93 ms/token with 2, because both thread pools spin on the same two cores.
         torch.set_num_threads(max(1, args.torch_threads or 1))
     gm = GGUFModel(path)
+    # No explicit pack: the runtime packs a layer's experts into the pinned arena when it first
+    # needs their spans (warm start on a GPU); a CPU-only run reads the mmap and copies nothing.
     store = ExpertStore(gm)
-    store.pack()
     cfg = RuntimeConfig(cache_size=args.cache_size, gpu_budget=args.gpu_budget, policy=args.policy,
                         schedule=args.schedule, prefetch_size=args.prefetch_size, device=str(device),
                         emulate_gpu=args.emulate_gpu, cpu_threads=args.cpu_threads, costs=args.costs,
