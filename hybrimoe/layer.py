@@ -314,7 +314,8 @@ class HybridRuntime:
             self._routing_log.append((self.step, layer, ids_np.copy(), np.take_along_axis(p_np, ids_np, 1)))
         if self.prefetcher is not None:
             self.prefetcher.record(i, experts)
-        self.cache.observe(i, probs.float().cpu().numpy())
+        if self.cache.policy == "mrs":  # only MRS reads the full router scores (a device->host copy on CUDA)
+            self.cache.observe(i, probs.float().cpu().numpy())
         slots_before = self.cache.access(i, experts)
         hits = sum(s is not None for s in slots_before)
         st.hits += hits
@@ -350,7 +351,7 @@ class HybridRuntime:
         st.tokens_cpu += int(sum(len(t) for t in toks))
         # GPU part
         t_gpu0 = time.perf_counter()
-        y = torch.zeros(T_, H, dtype=torch.float32, device=x.device)
+        y = None
         if slot_of:
             st.on_gpu += len(slot_of)
             st.tokens_gpu += int(sum(counts[np.searchsorted(experts, e)] for e in slot_of))
@@ -382,7 +383,9 @@ class HybridRuntime:
         y_cpu = fut.wait()
         t_cpu1 = time.perf_counter()
         st.cpu_s += t_cpu1 - t_cpu0
-        if y_cpu is not None:
+        if y is None:
+            y = y_cpu.to(x.device) if y_cpu is not None else torch.zeros(T_, H, dtype=torch.float32, device=x.device)
+        elif y_cpu is not None:
             y = y + y_cpu.to(y.device)
         self.cache.unpin(i)
         st.total_s += time.perf_counter() - t_start
