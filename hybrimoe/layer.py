@@ -63,6 +63,7 @@ class RuntimeConfig:
     static_counts: np.ndarray | None = field(default=None, compare=False)
     record_timeline: bool = False
     seed_model: str = "deepseek"
+    prefetch_chunk_bytes: int = 1 << 20  # granularity of prefetch copies (demand loads overtake between chunks)
 
 
 @dataclass
@@ -153,6 +154,7 @@ class HybridRuntime:
         self.transfers = TransferEngine(pools if self.gpu_enabled else [], self.device if self.gpu_real else
                                         torch.device("cpu"))
         self.transfers.record = cfg.record_timeline
+        self.transfers.chunk_bytes = int(cfg.prefetch_chunk_bytes)
         # warm start: copy the experts the cache placed at construction into their slots
         if self.gpu_enabled:
             for i, layer in enumerate(self.moe_layers):
@@ -171,6 +173,12 @@ class HybridRuntime:
         # Benchmarks only: route_override(layer, x) -> (ids, weights, probs) or None replaces the
         # router's choice (routing replayed from a real trace); kernels, cache and transfers run as usual.
         self.route_override = None
+
+    def set_costs(self, costs: CostModel) -> None:
+        """Replace the cost model (e.g. a hand-given or loaded one) for the scheduler and prefetcher."""
+        self.costs = costs
+        if self.prefetcher is not None:
+            self.prefetcher.costs = costs
 
     # -------------------------------------------------------------------------- helpers
     def _pool(self, i: int) -> int:
@@ -200,6 +208,10 @@ class HybridRuntime:
             v = self.store.expert(layer, e)
             w = self._views[key] = (v.gate, v.up, v.down)
         return w
+
+    def _link_bw(self, i: int) -> float:
+        """Bytes per second of host->slot copies for layer i, from the calibrated transfer time."""
+        return self.layouts[i].nbytes / max(self.costs.transfer_time(i), 1e-9)
 
     def _ffn_submit(self, x: torch.Tensor, experts, toks, ws):
         """Fused FFN over (experts, token lists, weights) on the CPU pool; reference fallback."""
@@ -368,6 +380,7 @@ class HybridRuntime:
                                     self.transfers.arenas[pool], self.layouts[i])
                 self.transfers.mark_read(pool, slot_of.values())
             else:  # emulated GPU: the CPU kernels on the host slot arena
+                self.transfers.wait_slots(pool, slot_of.values())  # queued prefetch chunks of these slots
                 g_ex, g_tok, g_w = [], [], []
                 for e, s in slot_of.items():
                     tok, kk = np.nonzero(ids_np == e)
@@ -377,9 +390,12 @@ class HybridRuntime:
                 y = self._ffn_submit(x_host, g_ex, g_tok, g_w).wait()
         t_gpu1 = time.perf_counter()
         st.gpu_s += t_gpu1 - t_gpu0
-        # prefetch for the next layers while this one computes
+        # prefetch for the next layers while this one computes, then issue queued prefetch chunks
+        # worth this layer's predicted idle link time (demand loads of the next layer come after)
         if self.prefetcher is not None:
             self._prefetch(i, x, p)
+        if self.transfers._pending:
+            self.transfers.pump(max(0.0, p.makespan - p.pcie_end) * self._link_bw(i))
         y_cpu = fut.wait()
         t_cpu1 = time.perf_counter()
         st.cpu_s += t_cpu1 - t_cpu0
@@ -411,9 +427,12 @@ class HybridRuntime:
             preds[j] = Prediction(e, c, np.full(len(e), prob))
         if not preds:
             return
-        # backlog: transfer time of prefetches still on the link, so the idle budget is not overcommitted
-        backlog = self.transfers.prefetches_in_flight() * self.costs.transfer_time(i)
-        idle = idle_budget(i, p.makespan, p.pcie_end, 0.0, backlog, self.prefetcher.horizon, len(self.moe_layers))
+        # backlog: link time of prefetch bytes still queued or in flight, so the budget is not overcommitted.
+        # Prefetches move in chunks that demand loads overtake, so one may span several layers' idle time.
+        backlog = (self.transfers.pending_bytes() / self._link_bw(i)
+                   + self.transfers.prefetches_in_flight() * self.costs.transfer_time(i))
+        idle = idle_budget(i, p.makespan, p.pcie_end, 0.0, backlog, self.prefetcher.horizon, len(self.moe_layers),
+                           spans_layers=True)
         orders = self.prefetcher.choose(i, preds, self.cache, idle_before=idle)
         for o in orders:
             slot, _ = self.cache.admit(o.layer, o.expert, prefetch=True,

@@ -21,6 +21,7 @@ slot addressing run exactly as on the GPU (the emulated GPU of the tests).
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -49,40 +50,76 @@ class TransferEngine:
             self._copy_done = [[None] * n for n, _ in pools]
             self._read_done = [[None] * n for n, _ in pools]
         self.events: list[tuple] = []  # (kind, pool, slot, nbytes, start_evt/time, end_evt/time)
+        self._pending: deque = deque()  # queued prefetch chunks: (pool, slot, src, offset, last)
         self.record = False
 
-    def load(self, pool: int, slot: int, src: torch.Tensor, prefetch: bool = False) -> None:
-        """Copy `src` (uint8 (n,), pinned host) into slot `slot` of pool `pool`."""
+    chunk_bytes = 1 << 20  # prefetch granularity: a demand load queues behind at most the chunks pumped
+
+    def _copy(self, pool: int, slot: int, src: torch.Tensor, off: int, prefetch: bool, last: bool) -> None:
+        """Issue one copy of `src` into bytes [off, off + n) of a slot; `last` closes the slot's load."""
         n = src.numel()
-        dst = self.arenas[pool][slot, :n]
+        dst = self.arenas[pool][slot, off:off + n]
         t0 = time.perf_counter()
+        kind = "prefetch" if prefetch else "load"
         if self.cuda:
             stream = self.prefetch_stream if prefetch else self.demand_stream
             with torch.cuda.stream(stream):
-                for ev in (self._read_done[pool][slot], self._copy_done[pool][slot]):
-                    if ev is not None:
-                        stream.wait_event(ev)
+                if off == 0:  # first bytes of a new load: wait for the slot's last reader and writer
+                    for ev in (self._read_done[pool][slot], self._copy_done[pool][slot]):
+                        if ev is not None:
+                            stream.wait_event(ev)
                 start = torch.cuda.Event(enable_timing=True) if self.record else None
                 if start is not None:
                     start.record(stream)
                 dst.copy_(src, non_blocking=True)
                 done = torch.cuda.Event(enable_timing=self.record)
                 done.record(stream)
-            self._copy_done[pool][slot] = done
-            if prefetch:
+            self._copy_done[pool][slot] = done  # the slot's latest write: later writers and readers wait on it
+            if last and prefetch:
                 self._inflight = getattr(self, "_inflight", []) + [done]
             if self.record:
-                self.events.append(("prefetch" if prefetch else "load", pool, slot, n, start, done))
+                self.events.append((kind, pool, slot, n, start, done))
         else:
             dst.copy_(src)
             if self.record:
-                self.events.append(("prefetch" if prefetch else "load", pool, slot, n, t0, time.perf_counter()))
+                self.events.append((kind, pool, slot, n, t0, time.perf_counter()))
         self.stats.seconds_issued += time.perf_counter() - t0
         self.stats.bytes += n
+
+    def load(self, pool: int, slot: int, src: torch.Tensor, prefetch: bool = False) -> None:
+        """Load `src` (uint8 (n,), pinned host) into slot `slot` of pool `pool`.
+
+        A demand load is issued at once, whole. A prefetch is only queued, in chunks of
+        `chunk_bytes`; `pump` issues queued chunks into idle link time, and `wait_slots` issues the
+        rest of a slot that is needed now. So a demand load never queues behind more prefetch
+        traffic than was pumped, and a slot reused before its prefetch finished drops the rest."""
+        self._drop_pending(pool, slot)
         if prefetch:
+            n = src.numel()
+            for off in range(0, n, self.chunk_bytes):
+                self._pending.append((pool, slot, src, off, min(off + self.chunk_bytes, n) >= n))
             self.stats.prefetch_loads += 1
         else:
+            self._copy(pool, slot, src, 0, False, True)
             self.stats.demand_loads += 1
+
+    def _drop_pending(self, pool: int, slot: int) -> None:
+        if any(p[0] == pool and p[1] == slot for p in self._pending):
+            self._pending = deque(p for p in self._pending if (p[0], p[1]) != (pool, slot))
+
+    def pump(self, nbytes: float) -> int:
+        """Issue queued prefetch chunks worth about `nbytes` (at least one if any is queued and
+        nbytes > 0); returns the bytes issued."""
+        done = 0
+        while self._pending and nbytes > 0 and (done == 0 or done + self.chunk_bytes <= nbytes):
+            pool, slot, src, off, last = self._pending.popleft()
+            part = src[off:off + self.chunk_bytes]
+            self._copy(pool, slot, part, off, True, last)
+            done += part.numel()
+        return done
+
+    def pending_bytes(self) -> int:
+        return sum(min(self.chunk_bytes, p[2].numel() - p[3]) for p in self._pending)
 
     def prefetches_in_flight(self) -> int:
         """Prefetch copies issued but not finished (always 0 on the host, where copies are synchronous)."""
@@ -92,7 +129,18 @@ class TransferEngine:
         return len(self._inflight)
 
     def wait_slots(self, pool: int, slots) -> None:
-        """Make the current stream wait for the copies into `slots` (no-op on the host)."""
+        """Issue any queued prefetch chunks of `slots`, then make the current stream wait for the
+        copies into them (on the host the copies are already done)."""
+        slots = list(slots)
+        want = {(pool, s) for s in slots}
+        if any((p[0], p[1]) in want for p in self._pending):
+            keep = deque()
+            for p in self._pending:
+                if (p[0], p[1]) in want:
+                    self._copy(p[0], p[1], p[2][p[3]:p[3] + self.chunk_bytes], p[3], True, p[4])
+                else:
+                    keep.append(p)
+            self._pending = keep
         if not self.cuda:
             return
         cur = torch.cuda.current_stream(self.device)

@@ -64,9 +64,9 @@ def test_every_mode_and_policy_matches_reference(tiny, tmp_path, mode, policy):
     m, store = tiny
     tmp = tmp_path
     cfgs = RuntimeConfig(cache_size=3, policy=policy, schedule=mode, emulate_gpu=True, device="cpu",
-                         prefetch_size=2, cache_dir=str(tmp))
+                         prefetch_size=2, cache_dir=str(tmp), prefetch_chunk_bytes=4096)
     rt = HybridRuntime(store, cfgs)
-    rt.costs = _costs(store)
+    rt.set_costs(_costs(store))
     layers = _layers(m, store, rt)
     g = torch.Generator().manual_seed(1)
     for T in (1, 1, 64, 1):  # decode, decode, a prefill-sized batch, decode again
@@ -94,7 +94,7 @@ def test_byte_budget_shared_across_layers(tiny, tmp_path):
     slot = max(store.layout(layer).nbytes for layer in store.layers)
     rt = HybridRuntime(store, RuntimeConfig(gpu_budget=5 * slot, schedule="gpu-only", emulate_gpu=True,
                                             device="cpu", cache_dir=str(tmp_path)))
-    rt.costs = _costs(store)
+    rt.set_costs(_costs(store))
     layers = _layers(m, store, rt)
     x = torch.randn(8, m.config.hidden)
     for layer, mod in layers.items():

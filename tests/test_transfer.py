@@ -1,0 +1,61 @@
+"""TransferEngine on the host (the emulated GPU): demand loads at once, prefetches in chunks that
+move only when pumped or needed, and a slot reused mid-prefetch never gets stale bytes."""
+
+import pytest
+import torch
+
+from hybrimoe.transfer import TransferEngine
+
+
+def _src(n, seed):
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_demand_load_is_immediate():
+    te = TransferEngine([(2, 10_000)], torch.device("cpu"))
+    src = _src(9_000, 0)
+    te.load(0, 1, src)
+    assert torch.equal(te.arenas[0][1, :9_000], src)
+    assert te.stats.demand_loads == 1 and te.stats.bytes == 9_000
+
+
+def test_prefetch_moves_only_when_pumped_or_needed():
+    te = TransferEngine([(2, 10_000)], torch.device("cpu"))
+    te.chunk_bytes = 1_000
+    te.arenas[0].zero_()
+    src = _src(9_500, 1)  # 10 chunks, the last one short
+    te.load(0, 0, src, prefetch=True)
+    assert te.stats.bytes == 0 and te.pending_bytes() == 9_500
+    assert te.pump(2_500) == 2_000  # whole chunks within the budget
+    assert torch.equal(te.arenas[0][0, :2_000], src[:2_000])
+    assert int(te.arenas[0][0, 2_000:].count_nonzero()) == 0
+    assert te.pump(1) == 1_000  # a positive budget always moves one chunk
+    te.wait_slots(0, [0])  # needed now: the rest is issued
+    assert torch.equal(te.arenas[0][0, :9_500], src) and te.pending_bytes() == 0
+
+
+def test_slot_reused_before_prefetch_finished():
+    te = TransferEngine([(1, 10_000)], torch.device("cpu"))
+    te.chunk_bytes = 1_000
+    old, new = _src(8_000, 2), _src(8_000, 3)
+    te.load(0, 0, old, prefetch=True)
+    te.pump(3_000)
+    te.load(0, 0, new)  # demand load into the same slot: the queued rest of `old` is dropped
+    assert te.pending_bytes() == 0
+    te.pump(10_000)
+    te.wait_slots(0, [0])
+    assert torch.equal(te.arenas[0][0, :8_000], new)
+
+
+@pytest.mark.gpu
+def test_cuda_chunked_prefetch_then_read():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    te = TransferEngine([(2, 1 << 20)], torch.device("cuda"))
+    te.chunk_bytes = 64 << 10
+    src = _src(1 << 20, 4).pin_memory()
+    te.load(0, 1, src, prefetch=True)
+    te.pump(256 << 10)
+    te.wait_slots(0, [1])
+    torch.cuda.synchronize()
+    assert torch.equal(te.arenas[0][1].cpu(), src)
