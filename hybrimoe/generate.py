@@ -167,9 +167,10 @@ def _run_once(model, tok, runtime, prompt_ids, args):
 
 def summary_lines(s: dict) -> list[str]:
     pf = s.get("prefetch_accuracy")
-    return [
+    speed = [] if "prefill_s" not in s else [
         f"prefill {s['prefill_tokens']} tok in {s['prefill_s']:.3f} s = {s['prefill_tok_s']:.1f} tok/s; "
-        f"decode {s['decode_tokens']} tok in {s['decode_s']:.3f} s = {s['decode_tok_s']:.2f} tok/s",
+        f"decode {s['decode_tokens']} tok in {s['decode_s']:.3f} s = {s['decode_tok_s']:.2f} tok/s"]
+    return speed + [
         f"device {s['device']}, schedule {s['schedule']}, policy {s['policy']}, CPU tier {s['cpu_tier']}",
         f"cache hit rate {s['hit_rate']:.3f} ({s['hits']} hits / {s['misses']} misses, {s['evictions']} evictions); "
         f"experts on GPU {s['experts_gpu']} / CPU {s['experts_cpu']} "
@@ -242,6 +243,8 @@ def _chat(model, tok, runtime, args) -> int:
             ids = tok.encode("\n".join(m["content"] for m in history))
         new, _, _ = _run_once(model, tok, runtime, list(ids), args)
         history.append({"role": "assistant", "content": tok.decode(new, skip_special_tokens=True)})
+    print()
+    print("\n".join("[hybrimoe] " + ln for ln in summary_lines(runtime.summary())))
     return 0
 
 
