@@ -1,6 +1,7 @@
 """Cache/prefetch/schedule policies on the shared routing traces, with the paper-A6000 cost model.
 
-    python microbench/sim_policies.py [--traces ../shared/traces] [--out microbench/results/sim_sweep_<date>.json]
+    python microbench/sim_policies.py [--traces ../shared/traces] [--json microbench/results/sim_sweep_<date>.json]
+        [--quick]   (the first 120 tokens of each trace: under a minute)
 
 No GPU: this replays traces through hybrimoe.sim (the runtime's cache, scheduler and prefetcher
 objects on a cost-model clock). Rows: policy x cache 25/50/75% x prefetch 0/2 (learned predictor,
@@ -34,12 +35,33 @@ def commit() -> str:
         return "unknown"
 
 
+def flat_rows(sets) -> list[dict]:
+    """The sweep in the common microbench row shape: simulated time per token (median_us), the
+    speed-up over LRU at the same cache size and prefetch (x_vs_lru) and the fraction of the lower
+    bound reached (frac_of_lower_bound = LB / time)."""
+    rows = []
+    for s in sets:
+        lru = {(r["cache_frac"], r["prefetch"]): r["ms_per_token"] for r in s["rows"] if r["policy"] == "lru"}
+        for r in s["rows"]:
+            t = r["ms_per_token"]
+            rows.append({"name": f"{s['trace']}/{r['policy']}/cache{round(r['cache_frac'] * 100)}%/pf{r['prefetch']}",
+                         "shape": f"{s['experts']} experts top-{s['top_k']} x {s['layers']} layers ({s['costs']})",
+                         "tokens": s["tokens"], "median_us": 1e3 * t,
+                         "x_vs_lru": lru.get((r["cache_frac"], r["prefetch"]), float("nan")) / t,
+                         "frac_of_lower_bound": r["lb_ms_per_token"] / t,
+                         "hit_rate": r["hit_rate"], "min_hit_rate": r["min_hit_rate"]})
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--traces", default=str(ROOT.parent / "shared" / "traces"))
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--json", "--out", dest="out", default=None, help="result JSON (default microbench/results/...)")
     ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="first 120 tokens of each trace")
     a = ap.parse_args()
+    if a.quick and not a.max_tokens:
+        a.max_tokens = 120
     tdir = Path(a.traces)
     sets = {
         "flame-290m (DeepSeek-V2-Lite layout), 4x512 stream tokens": (
@@ -85,6 +107,8 @@ def main() -> int:
                             "top_k": tr.top_k, "experts": tr.n_experts, "costs": costs.name,
                             "costs_model": json.loads(costs.to_json()), "rows": rows, "prefetch_variants": extra,
                             "schedules": sched})
+    out["bench"] = "sim_policies"
+    out["rows"] = flat_rows(out["sets"])
     path = Path(a.out) if a.out else ROOT / "microbench" / "results" / f"sim_sweep_{datetime.date.today()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
