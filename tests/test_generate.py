@@ -55,6 +55,16 @@ def test_cli_runs_and_prints_summary(tiny_path, tmp_path):
     assert "decode" in r.stdout and "cache hit rate" in r.stdout and "CPU tier" in r.stdout
     for p in (png, trace, tl, js):
         assert os.path.getsize(p) > 0
+    import json
+
+    ev = json.load(open(tl))["traceEvents"]
+    lanes = {e["args"]["name"]: e["tid"] for e in ev if e["ph"] == "M"}
+    assert set(lanes) == {"CPU", "GPU", "PCIe"}
+    slices = [e for e in ev if e["ph"] == "X"]
+    assert {e["tid"] for e in slices} == set(lanes.values())  # emulated GPU + cache size 2: loads happen
+    assert all(e["dur"] > 0 and e["ts"] >= 0 for e in slices)
+    s = json.load(open(js))
+    assert s["pairs_gpu"] + s["pairs_cpu"] > 0 and 0.0 <= s["hit_rate"] <= 1.0
     from hybrimoe.traces import load_trace
 
     tr = load_trace(trace)
