@@ -161,6 +161,7 @@ class HybridRuntime:
                 for e, s in self.cache.resident(i).items():
                     self.transfers.load(self._pool(i), s, self._span(layer, e))
             self.transfers.stats = type(self.transfers.stats)()  # warm-up copies are not run-time traffic
+            self.transfers.events.clear()
         self.costs = self._costs()
         self.prefetcher = Prefetcher(self.costs, cfg.prefetch_size, cfg.horizon,
                                      self.schedule) if cfg.prefetch_size > 0 and self.gpu_enabled else None
