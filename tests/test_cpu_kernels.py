@@ -116,6 +116,24 @@ def test_gemm_vs_reference(tier, qtype, T, rng):
     assert nmse(y, cpu.gemm_ref(W, x)) < tol(tier)
 
 
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("qtype", [F.Q5_0, F.Q8_0], ids=F.qtype_name)
+@pytest.mark.parametrize(
+    "cols",
+    [
+        32,  # a single block per row
+        96,  # 3 blocks: odd count, no 64-wide vector covers a row exactly
+        128,  # 4 blocks
+    ],
+)
+def test_gemm_q5_0_q8_0_short_rows(tier, qtype, cols, rng):
+    use_tier(tier)
+    W = qtensor(qtype, 37, cols, rng)
+    for T in (1, 8, 11):  # GEMV, one full tile of 8, a tile and a remainder
+        x = rng.standard_normal((T, cols)).astype(np.float32)
+        assert nmse(cpu.gemm(W, x), cpu.gemm_ref(W, x)) < tol(tier)
+
+
 def test_gemm_1d_torch_bf16_and_threads(rng):
     W = qtensor(F.Q4_K, 64, 512, rng)
     xb = torch.randn(5, 512).to(torch.bfloat16)

@@ -152,7 +152,17 @@ struct block_q8_0_act {
     float s;
     int8_t qs[QK8_0];
 };
+// For Q4_K weights in the AVX-512 tier (Act::Q8K_Q4): qs in Q4_K nibble order (see
+// cpu_kernels.h) and, instead of per-16 int sums, dsums[j] = d * (sum of the 32 quants of
+// sub-block j, element order): the Q4_K min term then costs one 8-wide float FMA per block and
+// token (dmin*m_j . dsums) instead of an int16 madd, a convert, a scale broadcast and an FMA.
+struct block_q8_K4_act {
+    float d;
+    int8_t qs[QK_K];
+    float dsums[QK_K / 32];
+};
 static_assert(sizeof(block_q8_K_act) == 292, "block_q8_K_act layout");
+static_assert(sizeof(block_q8_K4_act) == 292, "block_q8_K4_act layout");
 static_assert(sizeof(block_q8_0_act) == 40, "block_q8_0_act layout");
 
 }  // namespace hybrimoe

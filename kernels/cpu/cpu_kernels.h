@@ -29,8 +29,8 @@ enum class Act : int {
     F32 = 0,   // plain float row (ref tier)
     Q8K = 1,   // block_q8_K_act per 256 (K-quant weights in the integer tiers)
     Q8_0 = 2,  // block_q8_0_act per 32 (Q5_0 / Q8_0 weights in the integer tiers)
-    Q8K_Q4 = 3,  // block_q8_K_act with qs in Q4_K nibble order: per 128, [0..31, 64..95, 32..63,
-                 // 96..127] (bsums stay in element order). The AVX-512 Q4_K kernel then pairs
+    Q8K_Q4 = 3,  // block_q8_K4_act, qs in Q4_K nibble order: per 128, [0..31, 64..95, 32..63,
+                 // 96..127] (dsums stay in element order). The AVX-512 Q4_K kernel then pairs
                  // a 64-byte load of low / high nibbles with contiguous activations, no shuffles.
 };
 constexpr int N_ACTS = 4;
@@ -38,8 +38,8 @@ constexpr int N_ACTS = 4;
 inline size_t act_row_bytes(Act a, int n) {
     switch (a) {
         case Act::F32: return (size_t)n * sizeof(float);
-        case Act::Q8K:
-        case Act::Q8K_Q4: return (size_t)(n / QK_K) * sizeof(block_q8_K_act);
+        case Act::Q8K: return (size_t)(n / QK_K) * sizeof(block_q8_K_act);
+        case Act::Q8K_Q4: return (size_t)(n / QK_K) * sizeof(block_q8_K4_act);
         case Act::Q8_0: return (size_t)(n / QK8_0) * sizeof(block_q8_0_act);
     }
     return 0;

@@ -3,9 +3,10 @@
 // and inside an anonymous namespace; see simd_common.h for why.
 //
 // K-quants use zmm: 64 weights per vector. Q4_K: one 64-byte load holds the nibbles of 128
-// weights; lanes are regrouped (vshufi64x2) into element order so the activations are plain
+// weights; the activations are stored in that nibble order (Act::Q8K_Q4), so they are plain
 // contiguous loads, shared by every token of a tile. Per-sub-block scales are applied in int16
-// (maddubs -> vpdpwssd / madd by a scale vector), one float FMA per super-block.
+// (maddubs -> vpdpwssd / madd by a scale vector), one float FMA per super-block and token, plus
+// an 8-wide one for the Q4_K mins.
 
 #include "simd_common.h"
 
@@ -14,6 +15,29 @@ HM_INLINE __m512i lanes16(int v0, int v1, int v2, int v3) {
     const int k = 0x10001;
     return _mm512_set_epi32(v3 * k, v3 * k, v3 * k, v3 * k, v2 * k, v2 * k, v2 * k, v2 * k, v1 * k, v1 * k, v1 * k,
                             v1 * k, v0 * k, v0 * k, v0 * k, v0 * k);
+}
+
+// out[t] = sum of the 16 lanes of acc[t], t < NT. For a full tile of 8 one transposing add tree
+// (24 shuffles and adds) instead of 8 separate reductions (~64): every row pass over a column
+// chunk ends with it, and a DSv2-Lite Q4_K row pass of 8 blocks x 8 tokens is only ~800 ops.
+template <int NT>
+HM_INLINE void reduce_tile(const __m512* acc, float* out) {
+    if constexpr (NT == 8) {
+        __m512 r[4];
+        for (int k = 0; k < 4; ++k)  // 128-bit lanes 0-1: token 2k, 2-3: token 2k+1 (8 partials each)
+            r[k] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * k], acc[2 * k + 1], 0x44),
+                                 _mm512_shuffle_f32x4(acc[2 * k], acc[2 * k + 1], 0xEE));
+        __m512 q[2];
+        for (int j = 0; j < 2; ++j)  // 128-bit lane L: token 4j + L (4 partials)
+            q[j] = _mm512_add_ps(_mm512_shuffle_f32x4(r[2 * j], r[2 * j + 1], 0x88),
+                                 _mm512_shuffle_f32x4(r[2 * j], r[2 * j + 1], 0xDD));
+        __m512 h = _mm512_add_ps(_mm512_unpacklo_ps(q[0], q[1]), _mm512_unpackhi_ps(q[0], q[1]));
+        h = _mm512_add_ps(h, _mm512_permute_ps(h, 0x4E));  // lane L: [token L, token 4 + L, ..]
+        const __m512 o = _mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 13, 9, 5, 1, 12, 8, 4, 0), h);
+        _mm256_storeu_ps(out, _mm512_castps512_ps256(o));
+    } else {
+        for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
+    }
 }
 
 // isum += sum over pairs of (int16 p) * (int16 s) -> 16 x int32
@@ -26,7 +50,7 @@ HM_INLINE __m512i dot_i16_acc(__m512i isum, __m512i p, __m512i s) {
 }
 
 struct KQ4_K_512 {
-    static constexpr int BLOCK = QK_K, ACT_BYTES = (int)sizeof(block_q8_K_act);
+    static constexpr int BLOCK = QK_K, ACT_BYTES = (int)sizeof(block_q8_K4_act);
     template <int NT>
     static HM_INLINE void tile(const uint8_t* wr, int i0, int i1, const void* const* x, float* out) {
         const block_q4_K* b = reinterpret_cast<const block_q4_K*>(wr);
@@ -35,35 +59,36 @@ struct KQ4_K_512 {
         // (4,6), (5,7) = the low / high nibbles of one 64-byte load.
         const __m512i i02 = lanes16(0, 0, 2, 2), i13 = lanes16(1, 1, 3, 3);
         const __m512i i46 = lanes16(4, 4, 6, 6), i57 = lanes16(5, 5, 7, 7);
+        // Per token: acc = sum over blocks of d*da * (int dot scaled by sc, 16 lanes), and the
+        // min term accm = sum over blocks of (dmin*m_j) * (da*asum_j), 8 lanes, in float.
         __m512 acc[NT];
-        for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+        __m256 accm[NT];
+        for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps(), accm[t] = _mm256_setzero_ps();
         for (int i = i0; i < i1; ++i) {
             uint64_t sc, mn;
             unpack_scales_mins_k4_u64(b[i].scales, &sc, &mn);
             const __m512i scz = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc)));
             const __m512i s0 = _mm512_permutexvar_epi16(i02, scz), s1 = _mm512_permutexvar_epi16(i13, scz);
             const __m512i s2 = _mm512_permutexvar_epi16(i46, scz), s3 = _mm512_permutexvar_epi16(i57, scz);
-            const __m256i m32 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mn));
-            const __m256i mins = _mm256_or_si256(m32, _mm256_slli_epi32(m32, 16));  // [m0,m0,m1,m1,..]
+            const __m256 dm = _mm256_mul_ps(_mm256_set1_ps(fp16(b[i].dmin)),
+                                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mn))));
+            const __m512 dv = _mm512_set1_ps(fp16(b[i].d));
 
             const __m512i q0 = _mm512_loadu_si512(b[i].qs), q1 = _mm512_loadu_si512(b[i].qs + 64);
             const __m512i w0 = _mm512_and_si512(q0, m4), w1 = _mm512_and_si512(_mm512_srli_epi16(q0, 4), m4);
             const __m512i w2 = _mm512_and_si512(q1, m4), w3 = _mm512_and_si512(_mm512_srli_epi16(q1, 4), m4);
-            const float d = fp16(b[i].d), dmin = fp16(b[i].dmin);
             for (int t = 0; t < NT; ++t) {
-                const block_q8_K_act& a = static_cast<const block_q8_K_act*>(x[t])[i];
-                __m512i isum = _mm512_setzero_si512();
-                isum = dot_i16_acc(isum, _mm512_maddubs_epi16(w0, _mm512_loadu_si512(a.qs)), s0);
+                const block_q8_K4_act& a = static_cast<const block_q8_K4_act*>(x[t])[i];
+                __m512i isum = _mm512_madd_epi16(_mm512_maddubs_epi16(w0, _mm512_loadu_si512(a.qs)), s0);
                 isum = dot_i16_acc(isum, _mm512_maddubs_epi16(w1, _mm512_loadu_si512(a.qs + 64)), s1);
                 isum = dot_i16_acc(isum, _mm512_maddubs_epi16(w2, _mm512_loadu_si512(a.qs + 128)), s2);
                 isum = dot_i16_acc(isum, _mm512_maddubs_epi16(w3, _mm512_loadu_si512(a.qs + 192)), s3);
-                const __m256i msum = _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bsums)), mins);
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d * a.d), acc[t]);
-                acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(_mm512_zextsi256_si512(msum)), _mm512_set1_ps(dmin * a.d),
-                                          acc[t]);
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dv, _mm512_set1_ps(a.d)), acc[t]);
+                accm[t] = _mm256_fmadd_ps(dm, _mm256_loadu_ps(a.dsums), accm[t]);
             }
         }
-        for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
+        for (int t = 0; t < NT; ++t) acc[t] = _mm512_sub_ps(acc[t], _mm512_zextps256_ps512(accm[t]));
+        reduce_tile<NT>(acc, out);
     }
 };
 
@@ -103,7 +128,7 @@ struct KQ6_K_512 {
                 acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d * a.d), acc[t]);
             }
         }
-        for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
+        reduce_tile<NT>(acc, out);
     }
 };
 

@@ -46,8 +46,10 @@ HM_INLINE void tile_dispatch(int nt, const uint8_t* wr, int i0, int i1, const vo
 
 // Activation bytes of one token tile kept in L1 while every row of the chunk passes over it:
 // with Mixtral's down rows (14336 wide) a tile of 8 tokens is 131 KiB, which spilled to L2 and
-// cost 2x per token; 16 KiB leaves L1 room for the weight stream.
-constexpr int L1_ACT_BYTES = 16 << 10;
+// cost 2x per token. 24 KiB of the 32 KiB L1D: a DSv2-Lite gate tile (8 tokens x 8 blocks of
+// 292 B = 18.7 KiB) then runs as one chunk, one reduction per row and token instead of two:
+// 5-8% faster prefill than 16 KiB on Zen 4 (Q4_K 1408x2048, 64 and 512 tokens, 1 thread).
+constexpr int L1_ACT_BYTES = 24 << 10;
 
 // The RowsFn contract of cpu_kernels.h. Loops: token tiles of up to NTMAX (outer), column
 // chunks whose activations fit L1_ACT_BYTES, rows (inner). K: tile kernel with BLOCK (weights
@@ -60,6 +62,10 @@ void rows_tiled(const uint8_t* w, size_t row_bytes, int cols, int r0, int r1, co
         const int nt = T - t0 < NTMAX ? T - t0 : NTMAX;
         int kc = L1_ACT_BYTES / (nt * K::ACT_BYTES);
         kc = kc < 1 ? 1 : kc;
+        // equal chunks: 8 blocks in chunks of at most 7 run as 4 + 4, not 7 + 1 (each chunk
+        // costs a reduction per row and token)
+        const int n_chunks = (nb + kc - 1) / kc;
+        kc = (nb + n_chunks - 1) / n_chunks;
         for (int k0 = 0; k0 < nb; k0 += kc) {
             const int k1 = nb - k0 < kc ? nb : k0 + kc;
             for (int r = r0; r < r1; ++r) {

@@ -131,14 +131,22 @@ void quantize_row_q8K(const float* x, int n, void* dst) {
 }
 
 void quantize_row_q8K_q4(const float* x, int n, void* dst) {
-    quantize_row_q8K(x, n, dst);
-    block_q8_K_act* b = static_cast<block_q8_K_act*>(dst);
-    for (int i = 0; i < n / QK_K; ++i) {
-        int8_t tmp[QK_K];
-        std::memcpy(tmp, b[i].qs, QK_K);
+    block_q8_K4_act* b = static_cast<block_q8_K4_act*>(dst);
+    for (int i = 0; i < n / QK_K; ++i, x += QK_K) {
+        const float amax = abs_max(x, QK_K);
+        const float id = amax > 0.f ? 127.f / amax : 0.f;
+        const float d = amax / 127.f;
+        int8_t q[QK_K];
+        for (int l = 0; l < QK_K; ++l) q[l] = (int8_t)nearest_int(x[l] * id);
+        b[i].d = d;
+        for (int j = 0; j < QK_K / 32; ++j) {
+            int s = 0;
+            for (int l = 0; l < 32; ++l) s += q[32 * j + l];
+            b[i].dsums[j] = d * (float)s;
+        }
         for (int h = 0; h < 2; ++h)
             for (int c = 0; c < 4; ++c)  // element quarter c of half h -> slot {0, 2, 1, 3}[c]
-                std::memcpy(b[i].qs + 128 * h + 32 * ((c & 1) * 2 + (c >> 1)), tmp + 128 * h + 32 * c, 32);
+                std::memcpy(b[i].qs + 128 * h + 32 * ((c & 1) * 2 + (c >> 1)), q + 128 * h + 32 * c, 32);
     }
 }
 
