@@ -27,3 +27,22 @@ def rng(request):
     seed = int(np.random.SeedSequence().entropy % (2**63))
     print(f"[{request.node.name}] rng seed = {seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def dense_gguf(tmp_path):
+    """dense_gguf(arch) -> path of a minimal valid GGUF with no experts (one embedding tensor)."""
+    import gguf
+
+    def make(arch: str) -> str:
+        p = str(tmp_path / f"dense-{arch}.gguf")
+        w = gguf.GGUFWriter(p, arch)
+        w.add_block_count(1)
+        w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return p
+
+    return make

@@ -86,14 +86,6 @@ def test_cli_user_errors_are_one_line(args, msg, tiny_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_cli_model_without_experts(tmp_path):
-    import gguf
-    import numpy as np
-
-    p = str(tmp_path / "dense.gguf")
-    w = gguf.GGUFWriter(p, "llama")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    r = _cli("--gguf", p)
+def test_cli_model_without_experts(dense_gguf):
+    r = _cli("--gguf", dense_gguf("llama"))
     assert r.returncode == 2 and "no experts" in r.stderr and "Traceback" not in r.stderr

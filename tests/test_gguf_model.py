@@ -243,14 +243,9 @@ def test_model_without_experts(tiny_path, tmp_path):
         GGUFModel(p)
 
 
-def test_unsupported_architecture(tmp_path):
-    p = str(tmp_path / "dense.gguf")
-    w = gguf.GGUFWriter(p, "gpt2")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+def test_unsupported_architecture(dense_gguf):
     with pytest.raises(ModelConfigError, match="'gpt2'.*supported MoE architectures"):
-        GGUFModel(p)
+        GGUFModel(dense_gguf("gpt2"))
 
 
 def test_store_index_errors(tiny_path):

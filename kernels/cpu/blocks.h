@@ -54,6 +54,17 @@ static_assert(sizeof(block_q8_0) == 34, "block_q8_0 must be 34 bytes (GGUF layou
 // GGML type ids (gguf.GGMLQuantizationType) of the expert formats.
 enum class QType : int { Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
 
+// The one place the scalar Q6_K unpacking is written: the unsigned 6-bit quants (0..63) of
+// elements 128h + 32k + l (k = 0..3) of block `b`, for half h (0..1) and lane l (0..31).
+HM_HD void q6k_quants(const block_q6_K& b, int h, int l, int q[4]) {
+    const uint8_t* ql = b.ql + 64 * h;
+    const uint8_t* qh = b.qh + 32 * h;
+    q[0] = (ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4);
+    q[1] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+    q[2] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+    q[3] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+}
+
 // The one place the Q4_K 6-bit scale/min unpacking is written in C++: sub-block j (0..7).
 HM_HD void get_scale_min_k4(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
     if (j < 4) {

@@ -37,15 +37,9 @@ static void dequant_row_q6_K(const uint8_t* src, int n, float* y) {
     for (int i = 0; i < n / QK_K; ++i, y += QK_K) {
         const float d = half_to_float(b[i].d);
         for (int h = 0; h < 2; ++h) {  // two halves of 128
-            const uint8_t* ql = b[i].ql + 64 * h;
-            const uint8_t* qh = b[i].qh + 32 * h;
             for (int l = 0; l < 32; ++l) {
-                const int q[4] = {
-                    (ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4),
-                    (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
-                    (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
-                    (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
-                };
+                int q[4];
+                q6k_quants(b[i], h, l, q);
                 for (int k = 0; k < 4; ++k) {
                     const int e = 128 * h + 32 * k + l;
                     y[e] = d * b[i].scales[e / 16] * (q[k] - 32);
@@ -196,15 +190,9 @@ static float dot_q6_K_scalar(const uint8_t* src, int n, const void* xv) {
     for (int i = 0; i < n / QK_K; ++i) {
         int32_t sub[16] = {0};  // per 16-element sub-block: sum q * x (q unsigned 0..63)
         for (int h = 0; h < 2; ++h) {
-            const uint8_t* ql = b[i].ql + 64 * h;
-            const uint8_t* qh = b[i].qh + 32 * h;
             for (int l = 0; l < 32; ++l) {
-                const int q[4] = {
-                    (ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4),
-                    (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
-                    (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
-                    (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
-                };
+                int q[4];
+                q6k_quants(b[i], h, l, q);
                 for (int k = 0; k < 4; ++k) {
                     const int e = 128 * h + 32 * k + l;
                     sub[e / 16] += q[k] * a[i].qs[e];
