@@ -139,6 +139,8 @@ def main(argv=None) -> int:
                          "pcie_mb": s["pcie_bytes"] / 1e6, "prefetch_accuracy": s.get("prefetch_accuracy")})
             print(f"# {rows[-1]['name']}: prefill {rows[-1]['prefill_tok_s']:.1f} tok/s, decode "
                   f"{rows[-1]['decode_tok_s']:.2f} tok/s, hit rate {s['hit_rate']:.2f}", flush=True)
+            # partial results survive a time limit (run_gpu.sh gives each benchmark a budget)
+            write_results("e2e", rows, args.json, quick=args.quick, emulated_gpu=not cuda, partial=True)
         for r in rows:
             if r["routing"] != src_name:
                 continue

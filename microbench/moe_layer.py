@@ -238,6 +238,8 @@ def main(argv=None) -> int:
             del rt, layers
             if cuda:
                 torch.cuda.empty_cache()
+            # partial results survive a time limit (run_gpu.sh gives each benchmark a budget)
+            write_results("moe_layer", rows, args.json, quick=args.quick, emulated_gpu=not cuda, partial=True)
     for r in rows:
         if "cache_frac" not in r:
             continue
