@@ -74,10 +74,13 @@ setup(
         "torch>=2.4",
         "numpy>=1.26",
         "gguf>=0.17",
-        "transformers>=5.0",
+        # Tested releases (the GPU box's): transformers' model classes and Triton's interpreter
+        # change between minor releases (transformers 5.24 moved its GGUF tokenizer converters;
+        # triton 3.9's interpreter rejects masks 3.6 accepts), so the ranges stop at what we test.
+        "transformers>=5.17,<5.18",
         "tqdm",
         # Triton kernels run on GPUs and, for tests, in Triton's CPU interpreter (Linux wheels).
-        "triton>=3.2; platform_system == 'Linux'",
+        "triton>=3.6,<3.7; platform_system == 'Linux'",
     ],
     extras_require={
         "test": ["pytest>=8", "matplotlib"],

@@ -77,7 +77,12 @@ def _bpe_tokenizer(meta, tokens: list[str]):
 
 def _spm_tokenizer(meta, tokens: list[str]):
     """SentencePiece-style ('llama') vocabularies through transformers' GGUF converter."""
-    from transformers.integrations.ggml import GGUFLlamaConverter
+    try:
+        from transformers.integrations.ggml import GGUFLlamaConverter
+    except ImportError:  # moved or removed in this transformers release
+        raise ModelConfigError(f"{getattr(meta, 'path', 'GGUF')}: this transformers release has no GGUF "
+                               "SentencePiece converter; pass tokenizer_dir= (--tokenizer DIR) a local copy of "
+                               "the model's Hugging Face tokenizer") from None
 
     d = {"tokenizer_type": "llama", "tokens": tokens}
     for key, field in (("tokenizer.ggml.scores", "scores"), ("tokenizer.ggml.token_type", "token_type"),
