@@ -135,3 +135,15 @@ struct KQ6_K_512 {
 // 8 tokens per tile: 8 zmm accumulators + 4 unpacked weight vectors + 4 scale vectors fit the 32
 // registers (NT=8 vs 4: see microbench/cpu_kernels.py prefill rows).
 constexpr int NT_512 = 8;
+
+// The AVX-512 tier's kernel table, written once; each file that includes this header builds it
+// from its own ISA's instantiations (tier_avx512.cpp without VNNI, tier_avx512_vnni.cpp with).
+const TierOps& avx512_table() {
+    static const TierOps ops = {
+        "avx512",
+        {rows_tiled<KQ4_K_512, NT_512>, rows_tiled<KQ6_K_512, NT_512>, rows_tiled<KQ5_0, NT_512>,
+         rows_tiled<KQ8_0, NT_512>},
+        {Act::Q8K_Q4, Act::Q8K, Act::Q8_0, Act::Q8_0},
+    };
+    return ops;
+}

@@ -63,13 +63,7 @@ void q4k_rows_f32act_avx512(const uint8_t* w, size_t row_bytes, int cols, int r0
 }
 
 const TierOps& avx512_ops() {
-    static const TierOps ops = {
-        "avx512",
-        {rows_tiled<KQ4_K_512, NT_512>, rows_tiled<KQ6_K_512, NT_512>, rows_tiled<KQ5_0, NT_512>,
-         rows_tiled<KQ8_0, NT_512>},
-        {Act::Q8K_Q4, Act::Q8K, Act::Q8_0, Act::Q8_0},
-    };
-    return ops;
+    return avx512_table();
 }
 
 }  // namespace cpu

@@ -24,13 +24,7 @@ using std::memcpy;
 #pragma GCC pop_options
 
 const TierOps& avx512_vnni_ops() {
-    static const TierOps ops = {
-        "avx512",
-        {rows_tiled<KQ4_K_512, NT_512>, rows_tiled<KQ6_K_512, NT_512>, rows_tiled<KQ5_0, NT_512>,
-         rows_tiled<KQ8_0, NT_512>},
-        {Act::Q8K_Q4, Act::Q8K, Act::Q8_0, Act::Q8_0},
-    };
-    return ops;
+    return avx512_table();
 }
 
 }  // namespace cpu
