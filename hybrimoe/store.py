@@ -82,6 +82,7 @@ class ExpertStore:
             self._tensors[layer] = tuple(parts)  # type: ignore[assignment]
             self._layouts[layer] = ExpertLayout(cfg.hidden, cfg.expert_ffn, *types)
         self._arena: dict[int, np.ndarray] = {}
+        self._arena_t: dict = {}  # layer -> torch uint8 (E, nbytes) owning the arena's memory
         self.pinned = False
 
     def _check(self, layer: int, e: int) -> None:
@@ -112,12 +113,15 @@ class ExpertStore:
     def pack(self, layers=None, pin: bool | None = None) -> None:
         """Copy each layer's experts into a host arena (E, layout.nbytes), one span per expert.
 
-        pin: page-lock the arena (default: when CUDA is available)."""
+        pin: page-lock the arena (default: when CUDA is available). A layer already packed is
+        left as it is (its views may be held by a runtime)."""
         import torch
 
         if pin is None:
             pin = torch.cuda.is_available()
         for layer in layers if layers is not None else self.layers:
+            if layer in self._arena:
+                continue
             lay = self._layouts[layer]
             E = self.config.n_experts
             buf = torch.zeros((E, lay.nbytes), dtype=torch.uint8, pin_memory=bool(pin))
@@ -127,7 +131,6 @@ class ExpertStore:
             arena[:, lay.up_offset: lay.up_offset + lay.up_bytes] = ut.reshape(E, -1)
             arena[:, lay.down_offset: lay.down_offset + lay.down_bytes] = dt.reshape(E, -1)
             self._arena[layer] = arena
-            self._arena_t = getattr(self, "_arena_t", {})
             self._arena_t[layer] = buf  # keep the torch owner alive (pinned allocation)
         self.pinned = bool(pin)
 
