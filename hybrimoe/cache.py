@@ -207,8 +207,12 @@ class ExpertCache:
         if self._hot is not None:
             return False
         pool = self._pool(layer)
-        return bool(self._free[pool]) or self._victim(pool, {(layer, e) for e in protect},
-                                                      demand=not prefetch) is not None
+        if self._free[pool]:
+            return True
+        # is there any victim (what _victim would choose from, without ranking it)?
+        prot = {(layer, int(e)) for e in protect}
+        pinned, guard = self._pinned, (self._guard if prefetch else ())
+        return any(k not in pinned and k not in prot and k not in guard for k in self._res[pool])
 
     # ---------------------------------------------------------------------------- updates
     def observe(self, layer: int, scores: np.ndarray) -> None:

@@ -17,6 +17,7 @@ numbers (`CostModel.paper_a6000`), so the scheduler and the simulator never know
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -37,13 +38,21 @@ class CostModelError(HybrimoeError, ValueError):
 
 
 def _interp(points_n: tuple, points_t: tuple, n: float) -> float:
+    """Piecewise-linear through (points_n, points_t), clamped below, last segment extended above.
+    Plain Python (bisect): the scheduler calls it a few hundred times per layer, where numpy's
+    per-call overhead (~2.5 us) was most of the planning time."""
     xs, ys = points_n, points_t
     if n <= xs[0] or len(xs) == 1:
-        return ys[0]
+        return float(ys[0])
     if n >= xs[-1]:  # extend the last segment (compute-bound slope) past the last measurement
         slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-        return ys[-1] + slope * (n - xs[-1])
-    return float(np.interp(n, xs, ys))
+        return float(ys[-1] + slope * (n - xs[-1]))
+    j = bisect.bisect_right(xs, n)  # xs[j-1] <= n < xs[j]
+    x0, x1, y0, y1 = xs[j - 1], xs[j], ys[j - 1], ys[j]
+    return float(y0 + (y1 - y0) * (n - x0) / (x1 - x0))
+
+
+_MEMO_MAX = 4096  # memoised token counts per LayerCost and lane
 
 
 @dataclass(frozen=True)
@@ -70,12 +79,23 @@ class LayerCost:
         if self.transfer_s < 0 or self.expert_bytes <= 0:
             raise CostModelError(f"transfer_s={self.transfer_s}, expert_bytes={self.expert_bytes}: "
                                  "expected >= 0 s and > 0 bytes")
+        # memo of evaluated token counts (not a dataclass field: equality and JSON ignore it)
+        object.__setattr__(self, "_memo", ({}, {}))
+
+    def _lookup(self, lane: int, ys: tuple, n: float) -> float:
+        memo = self._memo[lane]
+        t = memo.get(n)
+        if t is None:
+            t = _interp(self.token_points, ys, n)
+            if len(memo) < _MEMO_MAX:
+                memo[n] = t
+        return t
 
     def cpu_time(self, n: float) -> float:
-        return _interp(self.token_points, self.cpu_s, n)
+        return self._lookup(0, self.cpu_s, n)
 
     def gpu_time(self, n: float) -> float:
-        return _interp(self.token_points, self.gpu_s, n)
+        return self._lookup(1, self.gpu_s, n)
 
     def dense_time(self, n: float) -> float:
         return _interp(self.token_points, self.dense_s, n) if self.dense_s else 0.0

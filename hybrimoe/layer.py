@@ -166,6 +166,8 @@ class HybridRuntime:
         self.prefetcher = Prefetcher(self.costs, cfg.prefetch_size, cfg.horizon,
                                      self.schedule) if cfg.prefetch_size > 0 and self.gpu_enabled else None
         self.routers: dict[int, tuple[torch.Tensor, RoutingConfig]] = {}
+        self._lookahead_cache: dict[int, tuple] = {}
+        self._router_stack = None  # every MoE layer's router (n_layers*E, H) float, for look-ahead
         self.stats = {layer: LayerStats() for layer in self.moe_layers}
         self.timeline: list[dict] = []
         self.step = 0
@@ -312,6 +314,8 @@ class HybridRuntime:
     # -------------------------------------------------------------------------- forward
     def register_router(self, layer: int, router_w: torch.Tensor, rc: RoutingConfig) -> None:
         self.routers[layer] = (router_w, rc)
+        self._lookahead_cache.clear()
+        self._router_stack = None
 
     def moe(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """Routed-expert output (T, H) float32 on x's device, for routing (ids, w) of x (T, H)."""
@@ -321,7 +325,9 @@ class HybridRuntime:
         st.steps += 1
         T_, H = x.shape
         ids_np = ids.cpu().numpy()
-        experts, counts = np.unique(ids_np, return_counts=True)
+        counts = np.bincount(ids_np.ravel(), minlength=self.n_experts)
+        experts = np.flatnonzero(counts)  # activated experts, ascending
+        counts = counts[experts]
         if self.record_routing:
             p_np = probs.float().cpu().numpy()
             self._routing_log.append((self.step, layer, ids_np.copy(), np.take_along_axis(p_np, ids_np, 1)))
@@ -411,21 +417,51 @@ class HybridRuntime:
                                   "gpu": (t_gpu0, t_gpu1), "plan": p, "loads": len(p.loads)})
         return y
 
-    def _prefetch(self, i: int, x: torch.Tensor, p) -> None:
+    def _lookahead(self, i: int):
+        """(MoE layer indices i+1..i+h whose routers are known, their router weights (n*E, H) on the
+        device): one matmul predicts every look-ahead layer. The weights are a slice of one stack
+        of all the model's routers, built on first use (one extra copy of the routers in all)."""
+        la = self._lookahead_cache.get(i)
+        if la is None:
+            js = []
+            for j in range(i + 1, min(i + 1 + self.prefetcher.horizon, len(self.moe_layers))):
+                if self.moe_layers[j] not in self.routers:
+                    break
+                js.append(j)
+            w = None
+            if js:
+                if self._router_stack is None:  # layers without a router yet: zeros, never sliced
+                    H = self.store.config.hidden
+                    self._router_stack = torch.cat([
+                        self.routers[layer][0].detach().float().to(self.device) if layer in self.routers else
+                        torch.zeros(self.n_experts, H, device=self.device) for layer in self.moe_layers])
+                E = self.n_experts
+                w = self._router_stack[js[0] * E:(js[-1] + 1) * E]
+            la = self._lookahead_cache[i] = (js, w)
+        return la
+
+    def predict(self, i: int, x: torch.Tensor) -> dict[int, Prediction]:
+        """Predicted experts of MoE layers i+1..i+horizon (indices into moe_layers) for input x of
+        layer i: {layer index: Prediction}, confidence = measured recall at that distance."""
+        js, w_stack = self._lookahead(i)
+        if not js:
+            return {}
+        # Each look-ahead layer's router applied to this layer's input (the paper's prediction).
+        # Softmax and sigmoid are monotonic per row, so the top-k of the logits are the routed ids.
+        logits = (x.float() @ w_stack.T).view(x.shape[0], len(js), self.n_experts)
+        pred_ids = torch.topk(logits, self.top_k, dim=-1).indices.cpu().numpy()  # (T, n, k): one copy
         preds = {}
-        for d in range(1, self.prefetcher.horizon + 1):
-            j = i + d
-            if j >= len(self.moe_layers):
-                break
-            r = self.routers.get(self.moe_layers[j])
-            if r is None:
-                break
-            ids, _w, probs = reference.route(x.float(), r[0].to(x.device).float(), r[1])
-            e, c = np.unique(ids.cpu().numpy(), return_counts=True)
-            # confidence = this run's measured recall of predictions made d layers ahead (0.5 until
+        for d, j in enumerate(js):
+            c = np.bincount(pred_ids[:, d].ravel(), minlength=self.n_experts)
+            e = np.flatnonzero(c)
+            # confidence = this run's measured recall of predictions made d+1 layers ahead (0.5 until
             # there is a measurement): the prefetcher weighs each candidate's gain by it
-            prob = self.prefetcher.accuracy().get(d, 0.5)
-            preds[j] = Prediction(e, c, np.full(len(e), prob))
+            prob = self.prefetcher.accuracy().get(d + 1, 0.5)
+            preds[j] = Prediction(e, c[e], np.full(len(e), prob))
+        return preds
+
+    def _prefetch(self, i: int, x: torch.Tensor, p) -> None:
+        preds = self.predict(i, x)
         if not preds:
             return
         # backlog: link time of prefetch bytes still queued or in flight, so the budget is not overcommitted.

@@ -97,34 +97,45 @@ class Prefetcher:
         for tl, p in predictions.items():
             if not 1 <= tl - layer <= self.horizon or idle_before.get(tl, 0.0) < self.costs.transfer_time(tl):
                 continue
-            for e, pr in zip(p.experts, p.prob):
+            for e, pr, n in zip(p.experts, p.prob, p.counts):
                 e = int(e)
                 if pr > 0 and not cache.contains(tl, e) and cache.can_admit(tl, e, protect=p.experts):
-                    cands.append((tl, e, float(pr)))
+                    cands.append((tl, e, float(pr), int(n)))
         out: list[PrefetchOrder] = []
-        base: dict[int, float] = {}
+        base: dict[int, float] = {}  # target layer -> makespan with the experts chosen so far
+        # (layer, token count) -> seconds saved by making one more expert with that count resident.
+        # A plan's makespan depends on the experts only through their token counts and residency
+        # (ids merely break ties between equal counts), so candidates of one layer with equal counts
+        # save the same time: one pair of plans per distinct count, redone only when the layer gets a pick.
+        saved: dict[tuple[int, int], float] = {}
         while cands and len(out) < self.prefetch_size:
+            # a candidate whose transfer no longer fits before its layer never will (`used` only grows)
+            cands = [c for c in cands if used + self.costs.transfer_time(c[0]) <= idle_before.get(c[0], 0.0)]
             best = None
-            for tl, e, pr in cands:
-                p = predictions[tl]
-                if tl not in base:
-                    base[tl] = plan(tl, p.experts, p.counts, CacheView(cache, tl, chosen.get(tl, ())),
-                                    self.costs, self.mode).makespan
-                with_e = plan(tl, p.experts, p.counts, CacheView(cache, tl, chosen.get(tl, []) + [e]),
-                              self.costs, self.mode).makespan
-                g = pr * (base[tl] - with_e)
+            for tl, e, pr, n in cands:
+                d = saved.get((tl, n))
+                if d is None:
+                    p = predictions[tl]
+                    if tl not in base:
+                        base[tl] = plan(tl, p.experts, p.counts, CacheView(cache, tl, chosen.get(tl, ())),
+                                        self.costs, self.mode).makespan
+                    with_e = plan(tl, p.experts, p.counts, CacheView(cache, tl, chosen.get(tl, []) + [e]),
+                                  self.costs, self.mode).makespan
+                    d = saved[(tl, n)] = base[tl] - with_e
+                g = pr * d
                 if best is None or g > best[0]:
-                    best = (g, tl, e, pr)
-            g, tl, e, pr = best
+                    best = (g, tl, e, pr, n)
+            if best is None:
+                break
+            g, tl, e, pr, n = best
             if g <= self.min_gain:
                 break
             tr = self.costs.transfer_time(tl)
-            cands.remove((tl, e, pr))
-            if used + tr > idle_before.get(tl, 0.0):
-                continue  # does not fit before its layer; try the next best
+            cands.remove((tl, e, pr, n))
             used += tr  # the link is FIFO: every earlier pick goes before this one
             chosen.setdefault(tl, []).append(e)
-            base.pop(tl, None)
+            base.pop(tl, None)  # this layer's other gains change with the pick; other layers' do not
+            saved = {k: v for k, v in saved.items() if k[0] != tl}
             out.append(PrefetchOrder(tl, e, g, tr))
         self.issued += len(out)
         return out

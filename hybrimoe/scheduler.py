@@ -202,8 +202,8 @@ def plan(layer: int, expert_ids: Sequence[int] | np.ndarray, token_counts: Seque
     """
     if mode not in MODES:
         raise ScheduleError(f"unknown schedule mode {mode!r} (expected one of {MODES})")
-    ids = [int(e) for e in np.asarray(expert_ids).ravel()]
-    cnt = [int(c) for c in np.asarray(token_counts).ravel()]
+    ids = np.asarray(expert_ids).ravel().astype(np.int64, copy=False).tolist()
+    cnt = np.asarray(token_counts).ravel().astype(np.int64, copy=False).tolist()
     if len(ids) != len(cnt) or len(set(ids)) != len(ids):
         raise ScheduleError(f"layer {layer}: expert_ids {ids} must be distinct and match token_counts {cnt}")
     counts = dict(zip(ids, cnt))

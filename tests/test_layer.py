@@ -102,6 +102,28 @@ def test_byte_budget_shared_across_layers(tiny, tmp_path):
         assert rt.cache.occupancy_bytes() <= 5 * slot
 
 
+def test_lookahead_prediction_is_each_next_router_top_k(tiny, tmp_path):
+    """The prefetcher's prediction for layer i+d is layer i+d's own routing of layer i's input
+    (one stacked matmul for all look-ahead layers: same experts and token counts as route())."""
+    from hybrimoe.reference import route
+
+    m, store = tiny
+    rt = HybridRuntime(store, RuntimeConfig(cache_size=2, schedule="hybrid", emulate_gpu=True, device="cpu",
+                                            prefetch_size=2, horizon=3, cache_dir=str(tmp_path)))
+    layers = _layers(m, store, rt)
+    rc = RoutingConfig.from_moe_config(m.config)
+    n = len(store.layers)
+    for T in (1, 7):
+        x = torch.randn(T, m.config.hidden)
+        for i in range(n):
+            preds = rt.predict(i, x)
+            assert sorted(preds) == list(range(i + 1, min(i + 4, n)))
+            for j, p in preds.items():
+                ids, _, _ = route(x, layers[store.layers[j]].router_weight, rc)
+                e, c = torch.unique(ids, return_counts=True)
+                assert p.experts.tolist() == e.tolist() and p.counts.tolist() == c.tolist()
+
+
 def test_cpu_only_machine_runs_everything_on_cpu(tiny, tmp_path):
     m, store = tiny
     rt = HybridRuntime(store, RuntimeConfig(device="cpu", emulate_gpu=False, cache_dir=str(tmp_path)))

@@ -114,3 +114,52 @@ def test_whole_copy_prefetch_would_block_without_the_budget(monkeypatch):
     cache = ExpertCache(tr.n_layers, tr.n_experts, capacity=16, policy="mrs", top_k=tr.top_k)
     res = simulate(tr, cache, costs, "hybrid", Prefetcher(costs, 2), OraclePredictor(tr), log=True)
     assert max(r["head_block"] for r in res.layer_log) > 0
+
+
+def _choose_brute_force(pf: Prefetcher, layer, preds, cache, idle_before):
+    """The prefetcher's rule written plainly: every round re-plans every candidate from scratch."""
+    chosen: dict[int, list[int]] = {}
+    used, out = 0.0, []
+    cands = [(tl, int(e), float(pr)) for tl, p in preds.items() for e, pr in zip(p.experts, p.prob)
+             if pr > 0 and idle_before.get(tl, 0.0) >= pf.costs.transfer_time(tl)
+             and not cache.contains(tl, int(e)) and cache.can_admit(tl, int(e), protect=p.experts)]
+    while cands and len(out) < pf.prefetch_size:
+        scored = []
+        for tl, e, pr in cands:
+            p = preds[tl]
+            base = plan(tl, p.experts, p.counts, CacheView(cache, tl, chosen.get(tl, [])), pf.costs, pf.mode).makespan
+            with_e = plan(tl, p.experts, p.counts, CacheView(cache, tl, chosen.get(tl, []) + [e]), pf.costs,
+                          pf.mode).makespan
+            scored.append((pr * (base - with_e), tl, e, pr))
+        g, tl, e, pr = max(scored, key=lambda s: s[0])  # first of equal gains, like choose()
+        if g <= pf.min_gain:
+            break
+        cands.remove((tl, e, pr))
+        if used + pf.costs.transfer_time(tl) > idle_before.get(tl, 0.0):
+            continue
+        used += pf.costs.transfer_time(tl)
+        chosen.setdefault(tl, []).append(e)
+        out.append((tl, e, g))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "gpu-only", "seed"])
+def test_choose_equals_brute_force_replanning(mode):
+    """choose() re-plans only what a pick changes and shares plans between equal token counts;
+    its picks and gains must equal re-planning everything every round."""
+    rng = np.random.default_rng(7)
+    costs = CostModel.paper_a6000()
+    for trial in range(40):
+        cache = ExpertCache(5, 16, capacity=int(rng.integers(1, 8)), policy="lru")
+        preds = {}
+        for tl in range(1, 4):
+            n = int(rng.integers(2, 7))
+            e = np.sort(rng.choice(16, n, replace=False))
+            counts = rng.choice([1, 1, 2, 3, 40, 200], n) if trial % 2 else np.ones(n, np.int64)
+            preds[tl] = Prediction(e, counts, rng.choice([0.25, 0.5, 1.0], n))
+        idle = {tl: float(rng.uniform(0, 5)) * costs.transfer_time(tl) for tl in preds}
+        pf = Prefetcher(costs, prefetch_size=int(rng.integers(1, 6)), mode=mode)
+        got = [(o.layer, o.expert, o.gain) for o in pf.choose(0, preds, cache, idle_before=idle)]
+        want = _choose_brute_force(pf, 0, preds, cache, idle)
+        assert [g[:2] for g in got] == [w[:2] for w in want], (trial, got, want)
+        assert [g[2] for g in got] == pytest.approx([w[2] for w in want], rel=1e-12, abs=1e-15)
