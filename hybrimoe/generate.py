@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory when the GGUF's cannot be used")
     p.add_argument("--chat", action="store_true", help="interactive chat (uses the GGUF chat template)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--dense", choices=("auto", "quant", "dequant"), default="auto",
+                   help="non-expert weights: 'quant' keeps their GGUF blocks and runs them on the CPU kernels "
+                        "(CPU only), 'dequant' makes float tensors on --device; auto: quant on a CPU device")
     p.add_argument("--timeline", default=None, help="write a Chrome trace (Perfetto) of CPU/GPU/PCIe lanes")
     p.add_argument("--plot", default=None, help="write a PNG of one decode step's lanes")
     p.add_argument("--costs", default=None, help="cost-model JSON (default: calibrate at start-up, cached)")
@@ -113,7 +116,7 @@ def load(args):
     runtime.record_routing = bool(args.trace_out)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, _, _ = load_gguf_model(gm, device=device, dtype=dtype, progress=True, store=store,
-                                  moe_factory=hybrid_factory(runtime))
+                                  moe_factory=hybrid_factory(runtime), dense=args.dense)
     tok = load_tokenizer(gm, args.tokenizer)
     return model, tok, runtime, path
 
@@ -165,13 +168,24 @@ def _run_once(model, tok, runtime, prompt_ids, args):
     return new, t_pre, t_dec
 
 
+def dense_kind(model) -> str:
+    """How the model's non-expert matrices are held: GGUF blocks on the CPU kernels, or float tensors."""
+    from .qlinear import QuantEmbedding, QuantLinear
+
+    n = sum(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
+    if n:
+        return f"GGUF blocks ({n} matrices on the CPU kernels)"
+    return f"{next(model.parameters()).dtype} tensors".replace("torch.", "")
+
+
 def summary_lines(s: dict) -> list[str]:
     pf = s.get("prefetch_accuracy")
     speed = [] if "prefill_s" not in s else [
         f"prefill {s['prefill_tokens']} tok in {s['prefill_s']:.3f} s = {s['prefill_tok_s']:.1f} tok/s; "
         f"decode {s['decode_tokens']} tok in {s['decode_s']:.3f} s = {s['decode_tok_s']:.2f} tok/s"]
     return speed + [
-        f"device {s['device']}, schedule {s['schedule']}, policy {s['policy']}, CPU tier {s['cpu_tier']}",
+        f"device {s['device']}, schedule {s['schedule']}, policy {s['policy']}, CPU tier {s['cpu_tier']}"
+        + (f", dense weights {s['dense']}" if "dense" in s else ""),
         f"cache hit rate {s['hit_rate']:.3f} ({s['hits']} hits / {s['misses']} misses, {s['evictions']} evictions); "
         f"experts on GPU {s['experts_gpu']} / CPU {s['experts_cpu']} "
         f"(token-expert pairs {s['pairs_gpu']} / {s['pairs_cpu']})",
@@ -195,7 +209,7 @@ def main(argv=None) -> int:
         s = runtime.summary()
         s.update(prefill_tokens=len(prompt_ids), prefill_s=t_pre, prefill_tok_s=len(prompt_ids) / max(t_pre, 1e-9),
                  decode_tokens=max(len(new) - 1, 0), decode_s=t_dec,
-                 decode_tok_s=max(len(new) - 1, 0) / max(t_dec, 1e-9), gguf=path)
+                 decode_tok_s=max(len(new) - 1, 0) / max(t_dec, 1e-9), gguf=path, dense=dense_kind(model))
         print("\n".join("[hybrimoe] " + ln for ln in summary_lines(s)))
         if args.timeline:
             from .timeline import write_chrome_trace

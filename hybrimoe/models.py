@@ -3,6 +3,8 @@
     GGUF file ──GGUFModel──▶ hf_config_from_gguf ──▶ XxxForCausalLM built on the meta device
         │                                               │  every non-expert parameter: dequantized
         │                                               │  GGUF tensor (table _NAMES) -> dtype, device
+        │                                               │  (dense="quant": quantized Linear/Embedding
+        │                                               │  weights stay GGUF blocks, hybrimoe.qlinear)
         └──ExpertStore: routed experts stay quantized   │  each MoE block -> moe_factory(layer, block,
                          in host memory  ───────────────┘                      gguf_model, store)
 
@@ -49,6 +51,7 @@ from . import formats
 from .errors import ModelConfigError, QuantShapeError
 from .gguf_model import GGUFModel, MoEConfig
 from .layout import ExpertLayout
+from .qlinear import QuantEmbedding, QuantLinear
 from .reference import RoutingConfig, moe_forward
 from .store import ExpertStore
 
@@ -316,6 +319,20 @@ def _load_tensor(gm: GGUFModel, hf_name: str, shape: torch.Size, consumed: set) 
     return w
 
 
+def _swap_quant(model: nn.Module, mod_name: str, qt: formats.QuantTensor, dtype: torch.dtype) -> None:
+    """Replace the nn.Linear / nn.Embedding `mod_name` by its QuantLinear / QuantEmbedding twin
+    (a bias already loaded is carried over; one still on meta is loaded into the new module later)."""
+    old = model.get_submodule(mod_name)
+    if isinstance(old, nn.Embedding):
+        new = QuantEmbedding(qt, dtype)
+    else:
+        new = QuantLinear(qt)
+        if old.bias is not None:
+            new._parameters["bias"] = old.bias
+    parent, _, attr = mod_name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
 def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
     mod_name, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_name)
@@ -431,8 +448,37 @@ def _swap_blocks(model: nn.Module, layers, factory: MoEFactory, gguf_model, stor
 
 
 # --------------------------------------------------------------------------- loading ---------
+def _quant_source(gm: GGUFModel, model: nn.Module, hf_name: str, shape: torch.Size, consumed: set):
+    """For dense="quant": (module name, QuantTensor) when `hf_name` is the weight of an nn.Linear /
+    nn.Embedding whose GGUF tensor is in a type the CPU kernels run (Q4_K, Q6_K, Q5_0, Q8_0) and
+    needs at most a row permutation; else None (the parameter is dequantized as usual). Routers
+    and qwen2moe's shared-expert gate stay float (the MoE blocks read them as tensors)."""
+    mod_name, _, attr = hf_name.rpartition(".")
+    if attr != "weight" or mod_name.endswith(".mlp.gate") or mod_name.endswith("shared_expert_gate"):
+        return None
+    if not isinstance(model.get_submodule(mod_name), (nn.Linear, nn.Embedding)):
+        return None
+    src = _gguf_source(gm.arch, hf_name)
+    if src is None or not gm.has(src):
+        return None  # e.g. kv_b split into k_b / v_b: rebuilt in float by _load_tensor
+    info = gm.tensor_info(src)
+    qtype = int(info.tensor_type)
+    if qtype not in formats.EXPERT_QTYPES:
+        return None
+    raw = gm.raw(src)
+    rows, cols = int(info.shape[1]), int(info.shape[0])  # GGUF ne order (cols, rows)
+    if (rows, cols) != tuple(shape):
+        raise ModelConfigError(f"{gm.path}: tensor {src!r} has shape {(rows, cols)} (numpy order), "
+                               f"transformers parameter {hf_name!r} expects {tuple(shape)}")
+    if gm.arch == "llama" and (src.endswith(".attn_q.weight") or src.endswith(".attn_k.weight")):
+        hc = gm.config  # whole rows move: the permutation applies to the raw blocks as to the floats
+        raw = np.ascontiguousarray(_reverse_permute(raw, hc.n_heads if ".attn_q." in src else hc.n_kv_heads))
+    consumed.add(src)
+    return mod_name, formats.QuantTensor(raw, qtype, (rows, cols))
+
+
 def load_gguf_model(path, device="cpu", dtype=torch.float32, moe_factory: MoEFactory | None = None,
-                    progress: bool = True, store: ExpertStore | None = None):
+                    progress: bool = True, store: ExpertStore | None = None, dense: str = "dequant"):
     """Build the transformers causal LM of a GGUF MoE file. Returns (model, GGUFModel, ExpertStore).
 
     path: a .gguf file or an open GGUFModel. Non-expert tensors are dequantized to `dtype` on
@@ -442,7 +488,23 @@ def load_gguf_model(path, device="cpu", dtype=torch.float32, moe_factory: MoEFac
     store: an ExpertStore of this same file to reuse (e.g. already packed into a pinned arena);
     by default a new one (zero-copy views into the file map). The model is returned in eval mode
     with requires_grad=False parameters.
+    dense: "dequant" (default) loads every non-expert matrix as a `dtype` tensor on `device`;
+    "quant" (CPU only) keeps the Linear / Embedding weights stored in Q4_K / Q6_K / Q5_0 / Q8_0 as
+    their raw GGUF blocks (hybrimoe.qlinear: QuantLinear on the CPU kernels, a fifth to a seventh of
+    the float32 bytes); "auto" = "quant" on a CPU device when the CPU kernels are built, else "dequant".
     """
+    if dense not in ("dequant", "quant", "auto"):
+        raise ModelConfigError(f"dense={dense!r}: expected 'dequant', 'quant' or 'auto'")
+    from . import cpu as _cpu
+
+    if dense == "auto":
+        dense = "quant" if torch.device(device).type == "cpu" and _cpu.available() else "dequant"
+    if dense == "quant":
+        if torch.device(device).type != "cpu":
+            raise ModelConfigError(f"dense='quant' runs the dense layers on the CPU kernels: device must be "
+                                   f"'cpu', found {device!r}")
+        if not _cpu.available():
+            raise ModelConfigError("dense='quant' needs the CPU kernel extension hybrimoe._cpu, which is not built")
     gm = path if isinstance(path, GGUFModel) else GGUFModel(path)
     config = hf_config_from_gguf(gm)
     model_cls = _transformers_class(ARCH_CLASSES[gm.arch][2])
@@ -471,10 +533,18 @@ def load_gguf_model(path, device="cpu", dtype=torch.float32, moe_factory: MoEFac
 
         it = tqdm(todo, desc=f"loading {os.path.basename(gm.path)}", unit="tensor")
     for name, shape in it:
+        q = _quant_source(gm, model, name, shape, consumed) if dense == "quant" else None
+        if q is not None:
+            _swap_quant(model, *q, dtype)
+            continue
         w = _load_tensor(gm, name, shape, consumed)
         _set_param(model, name, torch.from_numpy(w).to(device=device, dtype=dtype))
     if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        emb = model.model.embed_tokens
+        if isinstance(emb, QuantEmbedding):
+            model.lm_head = QuantLinear(emb.qt)
+        else:
+            model.lm_head.weight = emb.weight
     for layer in moe_layers:
         consumed.update(f"blk.{layer}.{s}" for s in EXPERT_GGUF)
     unused = sorted(set(gm.tensors) - consumed)

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     cfg0 = RuntimeConfig(cache_size=int(E * fracs[0]), device=str(dev), emulate_gpu=not cuda)
     rt0 = HybridRuntime(store, cfg0)
     model, _, _ = load_gguf_model(gm, device=dev, dtype=dtype, progress=False, store=store,
-                                  moe_factory=hybrid_factory(rt0))
+                                  moe_factory=hybrid_factory(rt0), dense="auto")
     print(f"# {gm} loaded in {time.perf_counter() - t0:.1f} s on {dev}", flush=True)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(2, gm.config.vocab_size, (1, prefill), generator=g).to(dev)

@@ -404,3 +404,99 @@ def test_load_on_cuda_bf16(paths):
         got = model(ids.cuda()).logits.float().cpu()
         want = ref(ids).logits
     assert (got - want).abs().max() < 0.25  # bf16 weights and activations, as in the CPU bf16 test
+
+
+# ------------------------------------------------------------------ dense="quant" (CPU) ------
+# The `ref` CPU tier computes QuantLinear in float32 from the dequantized rows: the model must equal
+# the dequantized one up to summation order (same 1e-4 as the stock comparison). The integer tiers
+# quantize activations to 8 bits (0.5-1.6% rms per matmul, measured per module); these random
+# tiny models amplify that to a relative rms logit error of 1.2-4.2% (measured, 5 archs, both
+# integer tiers). DENSE_Q8_REL bounds it; 25% more weight in one attention output matrix moves
+# the logits by more (checked below), so the bound still catches a broken matrix.
+DENSE_Q8_REL = 6e-2
+
+
+@pytest.fixture
+def cpu_tier():
+    from hybrimoe import cpu
+
+    if not cpu.available():
+        pytest.skip("CPU kernel extension not built")
+    before = cpu.tier()
+    yield cpu
+    cpu.set_tier(before)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_dense_quant_equals_dequant(paths, preset, cpu_tier):
+    from hybrimoe.qlinear import QuantEmbedding, QuantLinear
+
+    ref, gm, _ = load_gguf_model(paths[preset], progress=False)
+    qm, _, _ = load_gguf_model(paths[preset], progress=False, dense="quant")
+    n_q = {k: sum(isinstance(m, k) for m in qm.modules()) for k in (QuantLinear, QuantEmbedding)}
+    # every quantized Linear/Embedding in the file became a Quant* module: the rest stayed float
+    quant_2d = [n for n, t in gm.tensors.items() if "exps" not in n and "ffn_gate_inp" not in n
+                and int(t.tensor_type) in formats.EXPERT_QTYPES and n not in ("blk.1.attn_k_b.weight",)]
+    assert n_q[QuantEmbedding] == 1 and n_q[QuantLinear] == len(quant_2d) - 1, (n_q, quant_2d)
+    # no float copy of a quantized matrix is left in the model
+    assert sum(p.numel() for p in qm.parameters()) < sum(p.numel() for p in ref.parameters())
+    ids = _prompt(ref.config.vocab_size)
+    with torch.no_grad():
+        want = ref(ids).logits
+        cpu_tier.set_tier("ref")
+        torch.testing.assert_close(qm(ids).logits, want, atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
+        for t in cpu_tier.available_tiers():
+            if t == "ref":
+                continue
+            cpu_tier.set_tier(t)
+            got = qm(ids).logits
+            rel = float((got - want).norm() / want.norm())
+            assert rel < DENSE_Q8_REL, (t, rel)
+        # the comparison can fail: 25% more weight in one attention output matrix
+        o = ref.model.layers[1].self_attn.o_proj
+        o.weight.mul_(1.25)
+        moved = float((ref(ids).logits - want).norm() / want.norm())
+        o.weight.div_(1.25)
+    assert moved > 2 * DENSE_Q8_REL, moved
+
+
+def test_dense_quant_tied_embeddings_and_bad_arguments(paths, cpu_tier):
+    from hybrimoe.qlinear import QuantEmbedding, QuantLinear
+
+    gm = GGUFModel(paths["tiny-olmoe"])
+    del gm.tensors["output.weight"]  # a file with tied embeddings
+    tied, _, _ = load_gguf_model(gm, progress=False, dense="quant")
+    assert isinstance(tied.model.embed_tokens, QuantEmbedding) and isinstance(tied.lm_head, QuantLinear)
+    assert tied.lm_head.qt is tied.model.embed_tokens.qt
+    ref, _, _ = load_gguf_model(gm, progress=False)
+    ids = _prompt(ref.config.vocab_size, 5)
+    cpu_tier.set_tier("ref")
+    with torch.no_grad():
+        torch.testing.assert_close(tied(ids).logits, ref(ids).logits, atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
+    with pytest.raises(IndexError, match="out of range"):
+        tied.model.embed_tokens(torch.tensor([[0, ref.config.vocab_size]]))
+    with pytest.raises(ModelConfigError, match="dense='fast'"):
+        load_gguf_model(gm, progress=False, dense="fast")
+    with pytest.raises(ModelConfigError, match="device must be 'cpu'"):
+        load_gguf_model(gm, device="meta", progress=False, dense="quant")
+
+
+def test_quant_linear_matches_linear_in_any_float_dtype(cpu_tier):
+    from hybrimoe.qlinear import QuantLinear
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((40, 512)).astype(np.float32)
+    qt = formats.QuantTensor(formats.quantize(w, formats.Q4_K), formats.Q4_K, (40, 512))
+    b = torch.randn(40)
+    ql = QuantLinear(qt, b)
+    lin = torch.nn.Linear(512, 40)
+    with torch.no_grad():
+        lin.weight.copy_(ql.weight)
+        lin.bias.copy_(b)
+    cpu_tier.set_tier("ref")
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)):
+        x = torch.randn(2, 3, 512).to(dtype)
+        with torch.no_grad():
+            y, want = ql(x), lin(x.float())
+        assert y.dtype == dtype and y.shape == (2, 3, 40)
+        assert float((y.float() - want).norm() / want.norm()) < tol, dtype
