@@ -244,6 +244,28 @@ def gemm_ref(qt, x) -> np.ndarray:
 # --------------------------------------------------------------------------------- MoE FFN ---
 
 
+class PreparedExpert:
+    """One expert's (gate, up, down) QuantTensors, checked once: the native call's pointers and
+    types without re-validating the weights on every call (the runtime memoises one per expert or
+    slot). Iterates as the (gate, up, down) triple, so it goes wherever a triple does."""
+
+    __slots__ = ("weights", "hidden", "inter", "ptrs", "_keep")
+
+    def __init__(self, gate, up, down, name: str = "expert"):
+        gh, gp, gt, (inter, hidden) = _weight(gate, f"{name}.gate", None, None)
+        uh, up_, ut, _ = _weight(up, f"{name}.up", inter, hidden)
+        dh, dp, dt, _ = _weight(down, f"{name}.down", hidden, inter)
+        self.weights, self.hidden, self.inter = (gate, up, down), hidden, inter
+        self.ptrs = (gp, gt, up_, ut, dp, dt, inter)
+        self._keep = (gh, uh, dh)
+
+    def __iter__(self):
+        return iter(self.weights)
+
+    def __len__(self) -> int:
+        return 3
+
+
 def _moe_prepare(x, experts, token_ids, weights, out):
     xh, xp, bf16, T, H, was_torch, one = _activations(x, "x")
     if one:
@@ -256,17 +278,19 @@ def _moe_prepare(x, experts, token_ids, weights, out):
     desc = np.zeros((E, _DESC_COLS), dtype=np.int64)
     keep: list[Any] = [xh]
     for e, (ex, tok, wt) in enumerate(zip(experts, token_ids, weights)):
-        if len(ex) != 3:
-            raise KernelInputError(_fmt(f"experts[{e}]", "must be (gate, up, down)", 3, len(ex)))
-        gh, gp, gt, (inter, _) = _weight(ex[0], f"experts[{e}].gate", None, H)
-        uh, up, ut, _ = _weight(ex[1], f"experts[{e}].up", inter, H)
-        dh, dp, dt, _ = _weight(ex[2], f"experts[{e}].down", H, inter)
+        if not isinstance(ex, PreparedExpert):
+            if len(ex) != 3:
+                raise KernelInputError(_fmt(f"experts[{e}]", "must be (gate, up, down)", 3, len(ex)))
+            ex = PreparedExpert(*ex, name=f"experts[{e}]")
+        if ex.hidden != H:
+            raise KernelInputError(_fmt(f"experts[{e}].gate", "has the wrong shape", (ex.inter, H),
+                                        (ex.inter, ex.hidden)))
         tk = _vector(tok, f"token_ids[{e}]", "int")
         w = _vector(wt, f"weights[{e}]", "float")
         if w.shape != tk.shape:
             raise KernelInputError(_fmt(f"weights[{e}]", "must have one weight per token id", tk.shape, w.shape))
-        desc[e] = (gp, gt, up, ut, dp, dt, inter, _ptr(tk), tk.size, tk.dtype == np.int64, _ptr(w))
-        keep += [gh, uh, dh, tk, w]
+        desc[e] = (*ex.ptrs, _ptr(tk), tk.size, tk.dtype == np.int64, _ptr(w))
+        keep += [ex, tk, w]
     oh, op = _out(out, was_torch, (T, H))
     return (xp, bf16, T, H, op, desc), oh, keep
 

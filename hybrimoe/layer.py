@@ -167,6 +167,7 @@ class HybridRuntime:
                                      self.schedule) if cfg.prefetch_size > 0 and self.gpu_enabled else None
         self.routers: dict[int, tuple[torch.Tensor, RoutingConfig]] = {}
         self._lookahead_cache: dict[int, tuple] = {}
+        self._slot_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._router_stack = None  # every MoE layer's router (n_layers*E, H) float, for look-ahead
         self.stats = {layer: LayerStats() for layer in self.moe_layers}
         self.timeline: list[dict] = []
@@ -200,8 +201,22 @@ class HybridRuntime:
         w = self._views.get(key)
         if w is None:
             v = expert_views(self.transfers.arenas[self._pool(i)][slot].numpy(), self.layouts[i])
-            w = self._views[key] = (v.gate, v.up, v.down)
+            w = self._views[key] = self._prepared(v.gate, v.up, v.down)
         return w
+
+    def _prepared(self, gate, up, down):
+        """(gate, up, down), checked once for the CPU kernels when they are built."""
+        return self.cpu.PreparedExpert(gate, up, down) if self.cpu is not None else (gate, up, down)
+
+    def _slot_table(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pinned host, device) int32 (E,) expert -> slot tables of MoE layer i, allocated once.
+        Rewriting the host table at the next step is safe: its last copy was issued on the
+        current stream before the device->host routing copies (syncs) of every layer since."""
+        t = self._slot_tables.get(i)
+        if t is None:
+            t = self._slot_tables[i] = (torch.empty(self.n_experts, dtype=torch.int32).pin_memory(),
+                                        torch.empty(self.n_experts, dtype=torch.int32, device=self.device))
+        return t
 
     def _host_weights(self, layer: int, e: int):
         """The expert's host blocks (views into the store's pinned arena), memoised per expert."""
@@ -209,7 +224,7 @@ class HybridRuntime:
         w = self._views.get(key)
         if w is None:
             v = self.store.expert(layer, e)
-            w = self._views[key] = (v.gate, v.up, v.down)
+            w = self._views[key] = self._prepared(v.gate, v.up, v.down)
         return w
 
     def _link_bw(self, i: int) -> float:
@@ -324,17 +339,23 @@ class HybridRuntime:
         st = self.stats[layer]
         st.steps += 1
         T_, H = x.shape
-        ids_np = ids.cpu().numpy()
+        # Routing to the host in ONE device->host copy (each is a sync on CUDA): ids (exact in
+        # float32 below 2^24), weights, and the full scores when MRS or the trace recorder reads them.
+        k = ids.shape[1]
+        want_probs = self.cache.policy == "mrs" or self.record_routing
+        host = torch.cat([ids.float(), w.float()] + ([probs.float()] if want_probs else []), 1).cpu().numpy()
+        ids_np = host[:, :k].astype(np.int64)
+        w_np = host[:, k:2 * k]
+        p_np = host[:, 2 * k:] if want_probs else None
         counts = np.bincount(ids_np.ravel(), minlength=self.n_experts)
         experts = np.flatnonzero(counts)  # activated experts, ascending
         counts = counts[experts]
         if self.record_routing:
-            p_np = probs.float().cpu().numpy()
             self._routing_log.append((self.step, layer, ids_np.copy(), np.take_along_axis(p_np, ids_np, 1)))
         if self.prefetcher is not None:
             self.prefetcher.record(i, experts)
-        if self.cache.policy == "mrs":  # only MRS reads the full router scores (a device->host copy on CUDA)
-            self.cache.observe(i, probs.float().cpu().numpy())
+        if self.cache.policy == "mrs":
+            self.cache.observe(i, p_np)
         slots_before = self.cache.access(i, experts)
         hits = sum(s is not None for s in slots_before)
         st.hits += hits
@@ -357,7 +378,6 @@ class HybridRuntime:
         # host copies only when the host computes something (on CUDA each is a device->host copy)
         need_host = bool(cpu_list) or not self.gpu_real
         x_host = x.detach().to("cpu", torch.float32).contiguous() if need_host else None
-        w_np = w.detach().float().cpu().numpy() if need_host else None
         toks, wts, ws_cpu = [], [], []
         for e in cpu_list:
             tok, kk = np.nonzero(ids_np == e)
@@ -377,13 +397,15 @@ class HybridRuntime:
             if self.gpu_real:
                 from . import gpu
 
-                sl = torch.full((self.n_experts,), -1, dtype=torch.int32)
-                for e, s in slot_of.items():
-                    sl[e] = s
+                sl_host, sl_dev = self._slot_table(i)
+                sl_np = sl_host.numpy()
+                sl_np[:] = -1
+                sl_np[list(slot_of)] = list(slot_of.values())
+                sl_dev.copy_(sl_host, non_blocking=True)  # pinned: no host sync
                 self.transfers.wait_slots(pool, slot_of.values())
                 xd = x if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else x.float()
                 y = gpu.moe_forward(xd.contiguous(), ids.to(self.device).contiguous(),
-                                    w.to(self.device, torch.float32).contiguous(), sl.to(self.device),
+                                    w.to(self.device, torch.float32).contiguous(), sl_dev,
                                     self.transfers.arenas[pool], self.layouts[i])
                 self.transfers.mark_read(pool, slot_of.values())
             else:  # emulated GPU: the CPU kernels on the host slot arena
