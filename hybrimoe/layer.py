@@ -83,6 +83,22 @@ class LayerStats:
     total_s: float = 0.0
 
 
+@dataclass
+class _Pending:
+    """A layer's MoE step between HybridRuntime.moe_begin and moe_end."""
+
+    layer: int
+    i: int
+    x: torch.Tensor
+    fut: object
+    y: torch.Tensor | None
+    plan: object
+    t_start: float
+    t_cpu0: float
+    t_gpu0: float
+    t_gpu1: float
+
+
 class _SyncResult:
     def __init__(self, value):
         self._v = value
@@ -334,6 +350,12 @@ class HybridRuntime:
 
     def moe(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """Routed-expert output (T, H) float32 on x's device, for routing (ids, w) of x (T, H)."""
+        return self.moe_end(self.moe_begin(layer, x, ids, w, probs))
+
+    def moe_begin(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, probs: torch.Tensor):
+        """First half of `moe`: plan, issue loads, submit the CPU part, launch the GPU part and
+        the prefetches; returns at once. Work the caller queues before `moe_end` (the shared
+        expert's launches) overlaps the CPU experts."""
         t_start = time.perf_counter()
         i = self.index[layer]
         st = self.stats[layer]
@@ -425,7 +447,15 @@ class HybridRuntime:
             self._prefetch(i, x, p)
         if self.transfers._pending:
             self.transfers.pump(max(0.0, p.makespan - p.pcie_end) * self._link_bw(i))
-        y_cpu = fut.wait()
+        return _Pending(layer, i, x, fut, y, p, t_start, t_cpu0, t_gpu0, t_gpu1)
+
+    def moe_end(self, pend: "_Pending") -> torch.Tensor:
+        """Second half of `moe`: wait for the CPU part and add it to the GPU part."""
+        layer, i, x, p, y = pend.layer, pend.i, pend.x, pend.plan, pend.y
+        st = self.stats[layer]
+        T_, H = x.shape
+        y_cpu = pend.fut.wait()
+        t_cpu0, t_gpu0, t_gpu1, t_start = pend.t_cpu0, pend.t_gpu0, pend.t_gpu1, pend.t_start
         t_cpu1 = time.perf_counter()
         st.cpu_s += t_cpu1 - t_cpu0
         if y is None:
@@ -571,11 +601,14 @@ class HybridMoELayer(nn.Module):
         x = hidden.reshape(-1, shape[-1])
         r = None if self.runtime.route_override is None else self.runtime.route_override(self.layer, x)
         ids, w, probs = r if r is not None else reference.route(x, self.router_weight, self.routing)
-        y = self.runtime.moe(self.layer, x, ids, w, probs)
-        if self.shared is not None:
+        pend = self.runtime.moe_begin(self.layer, x, ids, w, probs)
+        s = None
+        if self.shared is not None:  # queued while the CPU experts run (on CUDA: async launches)
             s = self.shared(x).float()
             if self.shared_gate is not None:
                 s = s * torch.sigmoid(x.float() @ self.shared_gate.T)
+        y = self.runtime.moe_end(pend)
+        if s is not None:
             y = y + s
         return y.to(hidden.dtype).reshape(shape)
 
