@@ -187,17 +187,19 @@ def _vector(v, name: str, kind: str):
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def _empty_like_kind(was_torch: bool, shape):
+def _empty_like_kind(was_torch: bool, shape, zero: bool = True):
     if was_torch:
-        t = torch.zeros(shape, dtype=torch.float32)
+        t = (torch.zeros if zero else torch.empty)(shape, dtype=torch.float32)
         return t, t.data_ptr()
-    a = np.zeros(shape, dtype=np.float32)
+    a = (np.zeros if zero else np.empty)(shape, dtype=np.float32)
     return a, _ptr(a)
 
 
-def _out(out, was_torch: bool, shape, name="out"):
+def _out(out, was_torch: bool, shape, name="out", zero: bool = True):
+    """(holder, pointer) of the output: `out` checked, or a new array (zeroed when `zero`: the
+    kernel accumulates into it)."""
     if out is None:
-        return _empty_like_kind(was_torch, shape)
+        return _empty_like_kind(was_torch, shape, zero)
     if _is_torch(out):
         if out.device.type != "cpu" or out.dtype != torch.float32 or tuple(out.shape) != tuple(shape) or not out.is_contiguous():
             raise KernelInputError(_fmt(name, "must be a contiguous CPU float32 tensor", f"float32 {tuple(shape)}",
@@ -214,10 +216,22 @@ def _out(out, was_torch: bool, shape, name="out"):
 # ------------------------------------------------------------------------------------ GEMM ---
 
 
+class PreparedWeight:
+    """A QuantTensor checked once for `gemm` (its pointer, type and shape), for a weight used on
+    every call (QuantLinear): the per-call checks cost more than a small GEMV's arithmetic."""
+
+    __slots__ = ("qt", "_w")
+
+    def __init__(self, qt, name: str = "qt"):
+        self.qt = qt
+        self._w = _weight(qt, name, None, None)
+
+
 def gemm(qt, x, out=None):
     """y = x @ W.T for a quantized weight W.
 
-    qt:  QuantTensor (rows, cols): raw GGUF blocks, C-contiguous uint8 (rows, row_bytes)
+    qt:  QuantTensor (rows, cols): raw GGUF blocks, C-contiguous uint8 (rows, row_bytes); or a
+         PreparedWeight of one
     x:   (T, cols) float32 (numpy or torch) or bfloat16 (torch), CPU; (cols,) for one token
     out: optional (T, rows) float32, overwritten
     Returns (T, rows) float32 ((rows,) for 1-D x), torch if x is torch else numpy.
@@ -225,10 +239,10 @@ def gemm(qt, x, out=None):
     same row kernels: each weight row chunk stays in L2 for every tile of tokens).
     """
     xh, xp, bf16, T, H, was_torch, one = _activations(x, "x")
-    wh, wp, qtype, (rows, cols) = _weight(qt, "qt", None, None)
+    wh, wp, qtype, (rows, cols) = qt._w if isinstance(qt, PreparedWeight) else _weight(qt, "qt", None, None)
     if H != cols:
         raise KernelInputError(_fmt("x", "last dimension must equal the weight's columns", cols, H))
-    oh, op = _out(out, was_torch, (T, rows))
+    oh, op = _out(out, was_torch, (T, rows), zero=False)
     _ext().gemm(wp, qtype, rows, cols, xp, bf16, T, op)
     del xh, wh  # kept alive until here
     return oh[0] if one else oh

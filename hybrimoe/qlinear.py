@@ -34,6 +34,7 @@ class QuantLinear(nn.Module):
     def __init__(self, qt: QuantTensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.qt = qt
+        self._prepared = _cpu.PreparedWeight(qt, "weight")  # checked once, not per call
         self.out_features, self.in_features = (int(d) for d in qt.shape)
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach(), requires_grad=False))
 
@@ -47,7 +48,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if x2.dtype not in (torch.float32, torch.bfloat16):
             x2 = x2.float()
-        y = _cpu.gemm(self.qt, x2)
+        y = _cpu.gemm(self._prepared, x2)
         if self.bias is not None:
             y += self.bias
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)

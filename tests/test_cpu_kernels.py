@@ -235,6 +235,22 @@ def test_moe_ffn_accumulates_is_deterministic_and_takes_bf16(rng):
     np.testing.assert_array_equal(cpu.moe_ffn(x, experts, toks, wts), base)
 
 
+def test_prepared_weights_and_experts_equal_the_plain_ones(rng):
+    """PreparedWeight / PreparedExpert (checked once, reused per call) give the same bits."""
+    w = qtensor(F.Q6_K, 40, 512, rng)
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    np.testing.assert_array_equal(cpu.gemm(cpu.PreparedWeight(w), x), cpu.gemm(w, x))
+    experts = mixed_layer(rng)
+    toks, wts = routing("uneven", 11, len(experts), rng)
+    x = rng.standard_normal((11, H)).astype(np.float32)
+    prepared = [cpu.PreparedExpert(*ex) for ex in experts]
+    np.testing.assert_array_equal(cpu.moe_ffn(x, prepared, toks, wts), cpu.moe_ffn(x, experts, toks, wts))
+    with pytest.raises(KernelInputError, match=r"experts\[0\].gate: has the wrong shape"):
+        cpu.moe_ffn(np.zeros((2, 256), np.float32), prepared[:1], toks[:1], wts[:1])
+    with pytest.raises(KernelInputError, match=r"expert.down: has the wrong shape"):
+        cpu.PreparedExpert(experts[0][0], experts[0][1], experts[1][0])
+
+
 def test_moe_ffn_rejects_bad_inputs(rng):
     experts = mixed_layer(rng)[:2]
     toks = [np.array([0, 1]), np.array([1])]
