@@ -51,6 +51,7 @@ from . import formats
 from .errors import ModelConfigError, QuantShapeError
 from .gguf_model import GGUFModel, MoEConfig
 from .layout import ExpertLayout
+from .mla import memoize_expand_kv
 from .qlinear import QuantEmbedding, QuantLinear
 from .reference import RoutingConfig, moe_forward
 from .store import ExpertStore
@@ -555,6 +556,10 @@ def load_gguf_model(path, device="cpu", dtype=torch.float32, moe_factory: MoEFac
     _materialise_buffers(model, device)
     _swap_blocks(model, sorted(moe_layers), moe_factory or reference_factory, gm, store)
     _check_materialised(model)
+    if torch.device(device).type == "cpu":
+        # DeepSeek-V2 attention re-expands its whole latent cache every step: on a CPU keep the
+        # expansion of the positions already seen (hybrimoe.mla; exact, costs memory)
+        memoize_expand_kv(model)
     model.eval()
     return model, gm, store
 

@@ -500,3 +500,35 @@ def test_quant_linear_matches_linear_in_any_float_dtype(cpu_tier):
             y, want = ql(x), lin(x.float())
         assert y.dtype == dtype and y.shape == (2, 3, 40)
         assert float((y.float() - want).norm() / want.norm()) < tol, dtype
+
+
+# ------------------------------------------------------------------ MLA expansion memo -------
+def test_mla_expand_kv_memo_is_exact_and_expands_only_new_positions(paths):
+    """hybrimoe.mla: on a CPU the DeepSeek-V2 attention keeps the expansion of the cached latents;
+    generation equals the unwrapped model's, each step expands only its new positions, and a
+    new sequence (another prompt, another batch size) starts over."""
+    from hybrimoe.mla import _ExpandKVMemo
+
+    model, _, _ = load_gguf_model(paths["tiny"], progress=False)  # CPU: memo installed
+    plain, _, _ = load_gguf_model(paths["tiny"], progress=False)
+    attns = [m for m in plain.modules() if isinstance(getattr(m, "expand_kv", None), _ExpandKVMemo)]
+    assert len(attns) == plain.config.num_hidden_layers
+    for m in attns:
+        del m.expand_kv  # back to transformers' own method
+    rows = []
+    kvb = model.model.layers[1].self_attn.kv_b_proj
+    hook = kvb.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[-2]))
+    kw = dict(do_sample=False, return_dict_in_generate=True, output_logits=True,
+              pad_token_id=model.config.eos_token_id)
+    v = model.config.vocab_size
+    # batch 2; then batch 1 (shorter); then a longer, different prompt of batch 1, so only the
+    # content check (not a shape) can tell its cache from the previous one's
+    for ids, new in ((_prompt(v, 1), 12), (_prompt(v, 2)[:1, :3], 4), (_prompt(v, 3)[1:, :].repeat(1, 2), 6)):
+        rows.clear()
+        a = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, **kw)
+        b = plain.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, **kw)
+        assert torch.equal(a.sequences, b.sequences)
+        torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
+        # prefill expands the prompt, then one new position per step (not the whole cache)
+        assert rows == [ids.shape[1]] + [1] * (new - 1), rows
+    hook.remove()
