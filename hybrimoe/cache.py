@@ -68,6 +68,16 @@ def top_p_mask(scores: np.ndarray, p: int) -> np.ndarray:
     return out
 
 
+def top_p_mean(scores: np.ndarray, p: int) -> np.ndarray:
+    """top_p_mask(scores, p).mean(axis=0) without building the (T, E) mask: (E,) float64."""
+    T, E = scores.shape
+    if p >= E:
+        return scores.mean(axis=0, dtype=np.float64)
+    idx = np.argpartition(-scores, p - 1, axis=1)[:, :p]
+    vals = np.take_along_axis(scores, idx, axis=1)
+    return np.bincount(idx.ravel(), weights=vals.ravel(), minlength=E) / T
+
+
 class ExpertCache:
     """GPU-resident routed experts of one model.
 
@@ -217,14 +227,14 @@ class ExpertCache:
     # ---------------------------------------------------------------------------- updates
     def observe(self, layer: int, scores: np.ndarray) -> None:
         """Router probabilities of the layer's tokens, scores (T, E) float. Updates MRS scores."""
-        s = np.asarray(scores, np.float64)
+        s = np.asarray(scores)
         if s.ndim == 1:
             s = s[None]
         if s.shape[1] != self.n_experts:
             raise CacheConfigError(f"observe(layer {layer}): scores (expected (T, {self.n_experts}), found {s.shape})")
         if self.policy != "mrs" or s.shape[0] == 0:
             return
-        top = top_p_mask(s, self.top_p).mean(axis=0)
+        top = top_p_mean(s, self.top_p)
         self.scores[layer] = self.alpha * top + (1.0 - self.alpha) * self.scores[layer]
 
     def access(self, layer: int, experts: Iterable[int]) -> list[int | None]:

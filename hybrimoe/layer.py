@@ -83,6 +83,24 @@ class LayerStats:
     total_s: float = 0.0
 
 
+class _PairIndex:
+    """The (token, routing weight) pairs of each activated expert, from one stable sort of the
+    routing: of(e) -> (token ids int64 ascending, weights float32)."""
+
+    def __init__(self, ids: np.ndarray, w: np.ndarray, experts: np.ndarray, counts: np.ndarray):
+        k = ids.shape[1]
+        self.order = np.argsort(ids.ravel(), kind="stable")  # pair index t*k + j, grouped by expert
+        self.w = np.ascontiguousarray(w, np.float32).ravel()
+        self.k = k
+        ends = np.cumsum(counts)
+        self.span = {int(e): (int(b - c), int(b)) for e, b, c in zip(experts, ends, counts)}
+
+    def of(self, e: int):
+        a, b = self.span[int(e)]
+        sl = self.order[a:b]
+        return sl // self.k, self.w[sl]
+
+
 @dataclass
 class _Pending:
     """A layer's MoE step between HybridRuntime.moe_begin and moe_end."""
@@ -400,11 +418,12 @@ class HybridRuntime:
         # host copies only when the host computes something (on CUDA each is a device->host copy)
         need_host = bool(cpu_list) or not self.gpu_real
         x_host = x.detach().to("cpu", torch.float32).contiguous() if need_host else None
+        pairs = _PairIndex(ids_np, w_np, experts, counts)
         toks, wts, ws_cpu = [], [], []
         for e in cpu_list:
-            tok, kk = np.nonzero(ids_np == e)
-            toks.append(tok.astype(np.int64))
-            wts.append(w_np[tok, kk])
+            tok, wt = pairs.of(e)
+            toks.append(tok)
+            wts.append(wt)
             ws_cpu.append(self._host_weights(layer, e))
         t_cpu0 = time.perf_counter()
         fut = self._ffn_submit(x_host, ws_cpu, toks, wts)
@@ -434,10 +453,10 @@ class HybridRuntime:
                 self.transfers.wait_slots(pool, slot_of.values())  # queued prefetch chunks of these slots
                 g_ex, g_tok, g_w = [], [], []
                 for e, s in slot_of.items():
-                    tok, kk = np.nonzero(ids_np == e)
+                    tok, wt = pairs.of(e)
                     g_ex.append(self._slot_weights(i, s))
-                    g_tok.append(tok.astype(np.int64))
-                    g_w.append(w_np[tok, kk])
+                    g_tok.append(tok)
+                    g_w.append(wt)
                 y = self._ffn_submit(x_host, g_ex, g_tok, g_w).wait()
         t_gpu1 = time.perf_counter()
         st.gpu_s += t_gpu1 - t_gpu0

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hybrimoe.cache import CacheConfigError, ExpertCache, top_p_mask
+from hybrimoe.cache import CacheConfigError, ExpertCache, top_p_mask, top_p_mean
+
+
+def test_top_p_mean_equals_the_mean_of_the_mask(rng):
+    for T, E, p in ((1, 64, 12), (7, 64, 12), (300, 16, 4), (3, 8, 8)):
+        s = rng.random((T, E)).astype(np.float32)
+        np.testing.assert_allclose(top_p_mean(s, p), top_p_mask(s.astype(np.float64), p).mean(axis=0), rtol=1e-6)
 
 
 def test_top_p_mask_keeps_p_largest_per_row():
