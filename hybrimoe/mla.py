@@ -8,16 +8,18 @@ DSv2-Lite-shaped model, 2 cores). The expansion is row-wise: the expanded keys a
 position depend on that position's latent alone. So the expansion of the part of the cache
 already seen can be kept and only the new positions expanded.
 
-`memoize_expand_kv(model)` wraps each DeepSeek-V2 attention's `expand_kv`. Each call checks that
-the latents it expanded before are still the prefix of the ones it is given (an exact compare,
-~1/4000 of re-expanding them); if so it expands only the new positions into a growing buffer,
-else (a new sequence, a cropped or reordered cache, another batch size) it starts over. Results
+`memoize_expand_kv(model)` wraps each DeepSeek-V2 attention's `expand_kv`. Each call checks
+which leading positions of the latents it is given equal the ones it expanded before (an exact
+compare, ~1/4000 of re-expanding them) and expands only the rest into a growing buffer: all
+but the new positions while a sequence grows, a common prefix after a cache was cropped (the
+next chat turn), nothing kept for a new sequence, a reordered cache or another batch size. Results
 are those of `expand_kv` on the new rows, written into the buffer: the same values, by the same
 module (a fresh Linear call per step on fewer rows; float summation order per row can differ
 from one call on all rows only where the backend's GEMM blocking depends on the row count).
 
 Memory: the expanded keys and values, (heads * (nope + rope + v)) floats per token and layer
-(DSv2-Lite float32: 20 KiB), plus a copy of the latents. Meant for CPU runs; on a GPU the
+(DSv2-Lite float32: 20 KiB), plus a copy of the latents (kv_lora_rank + rope floats). Every
+buffer grows by doubling, so a step copies only its new positions. Meant for CPU runs; on a GPU the
 re-expansion is cheap and the memory better spent on the expert cache.
 """
 
@@ -36,42 +38,46 @@ class _ExpandKVMemo:
         self.reset()
 
     def reset(self) -> None:
-        self.n = 0
-        self.latent = self.rot = None  # copies of the latents expanded so far, (B, 1, n, .)
-        self.kbuf = self.vbuf = None  # (B, capacity, H, d): [:, :n] is the expansion of positions 0..n-1
+        self.n = 0  # positions expanded: bufs[...][:, :n] are valid
+        self.bufs = None  # (latents (B, cap, R), rope keys (B, cap, r), keys (B, cap, H, dk), values (B, cap, H, dv))
 
-    def _same_prefix(self, kv_nope: torch.Tensor, k_rot: torch.Tensor) -> bool:
-        if self.latent is None or kv_nope.shape[2] < self.n:
-            return False
-        if kv_nope.shape[:2] != self.latent.shape[:2] or kv_nope.dtype != self.latent.dtype \
-                or kv_nope.device != self.latent.device:
-            return False
-        return bool(torch.equal(kv_nope[:, :, :self.n], self.latent)
-                    and torch.equal(k_rot[:, :, :self.n], self.rot))
+    def _kept(self, kv_nope: torch.Tensor, k_rot: torch.Tensor) -> int:
+        """How many leading positions of the given latents were expanded before (0: start over).
+        All n when they extend the old ones; a shorter equal prefix after the cache was cropped
+        (a chat turn that rewrote its tail) keeps that prefix."""
+        if self.bufs is None:
+            return 0
+        lat, rot = self.bufs[0], self.bufs[1]
+        if kv_nope.shape[0] != lat.shape[0] or kv_nope.dtype != lat.dtype or kv_nope.device != lat.device:
+            return 0
+        m = min(self.n, kv_nope.shape[2])
+        if torch.equal(kv_nope[:, 0, :m], lat[:, :m]) and torch.equal(k_rot[:, 0, :m], rot[:, :m]):
+            return m
+        return 0
 
     def __call__(self, kv_nope: torch.Tensor, k_rot: torch.Tensor):
+        if kv_nope.shape[1] != 1 or k_rot.shape[1] != 1:  # not the single-head latent layout it knows
+            return self.expand(kv_nope, k_rot)
         S = kv_nope.shape[2]
-        if not self._same_prefix(kv_nope, k_rot):
+        n = self._kept(kv_nope, k_rot)
+        if n == 0:
             self.reset()
-        n = self.n
+        self.n = n
         if S > n:
             k_new, v_new = self.expand(kv_nope[:, :, n:], k_rot[:, :, n:])  # (B, H, S - n, d)
-            B, H = k_new.shape[:2]
-            if self.kbuf is None or self.kbuf.shape[1] < S:
-                cap = max(S, 2 * (self.kbuf.shape[1] if self.kbuf is not None else 0), 64)
-                kbuf = k_new.new_empty(B, cap, H, k_new.shape[-1])
-                vbuf = v_new.new_empty(B, cap, H, v_new.shape[-1])
+            new = (kv_nope[:, 0, n:], k_rot[:, 0, n:], k_new.transpose(1, 2), v_new.transpose(1, 2))
+            if self.bufs is None or self.bufs[0].shape[1] < S:  # grow (x2): amortised O(1) per position
+                cap = max(S, 2 * (self.bufs[0].shape[1] if self.bufs is not None else 0), 64)
+                bufs = tuple(t.new_empty(t.shape[0], cap, *t.shape[2:]) for t in new)
                 if n:
-                    kbuf[:, :n] = self.kbuf[:, :n]
-                    vbuf[:, :n] = self.vbuf[:, :n]
-                self.kbuf, self.vbuf = kbuf, vbuf
-            self.kbuf[:, n:S] = k_new.transpose(1, 2)
-            self.vbuf[:, n:S] = v_new.transpose(1, 2)
-            self.latent = kv_nope.detach().clone()
-            self.rot = k_rot.detach().clone()
+                    for b, old in zip(bufs, self.bufs):
+                        b[:, :n] = old[:, :n]
+                self.bufs = bufs
+            for b, t in zip(self.bufs, new):
+                b[:, n:S] = t
             self.n = S
         # views (B, H, S, d), like expand_kv's own (non-contiguous) value states
-        return self.kbuf[:, :S].transpose(1, 2), self.vbuf[:, :S].transpose(1, 2)
+        return self.bufs[2][:, :S].transpose(1, 2), self.bufs[3][:, :S].transpose(1, 2)
 
 
 def memoize_expand_kv(model: nn.Module) -> int:

@@ -89,3 +89,30 @@ def test_cli_user_errors_are_one_line(args, msg, tiny_path):
 def test_cli_model_without_experts(dense_gguf):
     r = _cli("--gguf", dense_gguf("llama"))
     assert r.returncode == 2 and "no experts" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-mixtral"])
+def test_kv_session_feeds_only_the_new_tokens_and_changes_nothing(preset, tmp_path):
+    """A chat keeps its KV cache across turns (generate.KVSession): the next turn feeds only what
+    it added, a turn that rewrites the tail is cropped back to the common prefix, and the tokens
+    equal a fresh run on the whole prompt every time."""
+    torch.set_num_threads(1)
+    gm = GGUFModel(synth.write_gguf(synth.PRESETS[preset], tmp_path / f"{preset}.gguf"))
+    model, _, _ = load_gguf_model(gm, progress=False)
+    fed = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, inp, out: fed.append(inp[0].shape[1]))
+    sess = generate.KVSession()
+    a = [0, 40, 41, 42, 43, 44, 45]
+    new1, _, _ = generate.generate_ids(model, torch.tensor([a]), 6, session=sess)
+    turn2 = a + new1 + [50, 51, 52]
+    turn3 = a[:3] + [60, 61, 62, 63]  # departs from the cached ids after 3 tokens
+    for prompt, want_fed in ((turn2, 4), (turn3, 4)):  # turn2: last new token (never fed) + 3; turn3: 4
+        fed.clear()
+        got, _, _ = generate.generate_ids(model, torch.tensor([prompt]), 6, session=sess)
+        assert fed[0] == want_fed, fed
+        hook.remove()
+        fresh, _, _ = generate.generate_ids(model, torch.tensor([prompt]), 6)
+        hook = model.model.embed_tokens.register_forward_hook(lambda m, inp, out: fed.append(inp[0].shape[1]))
+        assert got == fresh
+        assert sess.ids == prompt + got[:-1] and sess.past.get_seq_length() == len(sess.ids)
+    hook.remove()
