@@ -124,23 +124,9 @@ done
 step tests_triton_small 90 "$PY" -m pytest -q -m "not gpu" -p no:cacheprovider \
     tests/test_triton_dequant.py tests/test_triton_moe.py || true
 
-# 6. summary table
-"$PY" - "$OUTDIR" <<'EOF' 2>&1 | tee -a "$LOG" || true
-import json, pathlib, sys
-out = pathlib.Path(sys.argv[1])
-print(f"{'bench':12s} {'name':16s} {'shape':15s} {'T':>5s} {'median_us':>10s} {'x_cublas':>9s} {'frac_bw':>8s}")
-for f in sorted(out.glob("*.json")):
-    try:
-        res = json.loads(f.read_text())
-    except ValueError:
-        continue
-    for r in res.get("rows", []):
-        fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else "-"
-        print(f"{res.get('bench', f.stem)[:12]:12s} {str(r.get('name'))[:16]:16s} "
-              f"{str(r.get('shape'))[:15]:15s} {fmt(r.get('tokens'), '5d'):>5s} "
-              f"{fmt(r.get('median_us'), '10.1f'):>10s} {fmt(r.get('x_vs_cublas_bf16'), '9.2f'):>9s} "
-              f"{fmt(r.get('frac_of_copy_bw'), '8.3f'):>8s}")
-EOF
+# 6. summary table (Markdown for BENCHMARKS.md: python microbench/report.py OUTDIR/*.json)
+"$PY" microbench/report.py --text \
+    --extra gbps,hit_rate,decode_tok_s,prefill_x_vs_kt_static "$OUTDIR"/*.json 2>&1 | tee -a "$LOG" || true
 
 if ((${#FAILED[@]})); then
     say "done in $(($(date +%s) - START))s; FAILED: ${FAILED[*]}"

@@ -1,0 +1,58 @@
+"""Every microbench script runs in its --quick (CPU) form and writes the agreed result document:
+{"bench": stem, "device", "date", "commit", "rows": [{"name", "shape", "tokens", "median_us",
+"x_vs_<baseline>", "frac_of_<ceiling>", ...}]}. A script broken here would waste a GPU lease."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "microbench"
+SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py") if p.stem not in ("common", "report"))
+TRACES = ROOT.parent / "shared" / "traces"
+
+
+def test_every_script_is_listed():
+    assert {"cpu_kernels", "triton_moe", "moe_layer", "e2e", "sim_policies", "cpu_model"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("stem", SCRIPTS)
+def test_quick_run_writes_the_result_document(stem, tmp_path):
+    if stem == "sim_policies" and not TRACES.is_dir():
+        pytest.skip(f"needs the shared routing traces ({TRACES})")
+    out = tmp_path / f"{stem}.json"
+    r = subprocess.run([sys.executable, str(BENCH / f"{stem}.py"), "--quick", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    doc = json.loads(out.read_text())
+    assert doc["bench"] == stem
+    for key in ("device", "date", "commit"):
+        assert isinstance(doc.get(key), str) and doc[key], key
+    rows = doc["rows"]
+    assert rows, "no rows"
+    for row in rows:
+        assert isinstance(row.get("name"), str) and row["name"], row
+        assert "shape" in row and isinstance(row.get("tokens"), int), row
+        assert row.get("median_us") is None or row["median_us"] > 0, row
+    keys = set().union(*rows)
+    assert any(k.startswith("x_vs_") for k in keys), f"no speed-up column in {sorted(keys)}"
+    assert any(k.startswith("frac_of_") for k in keys), f"no fraction-of-ceiling column in {sorted(keys)}"
+
+
+def test_report_renders_results_and_names_bad_files(tmp_path):
+    good = {"bench": "demo", "device": "cpu", "date": "d", "commit": "c",
+            "rows": [{"name": "a|b", "shape": [2, 3], "tokens": 1, "median_us": 12.5, "x_vs_base": 2.0,
+                      "frac_of_copy_bw": 0.5, "other": 7}]}
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": 3}))
+    r = subprocess.run([sys.executable, str(BENCH / "report.py"), str(tmp_path / "good.json"),
+                        str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1  # one file was not a result
+    assert "| name | shape | tokens | median_us | x_vs_base | frac_of_copy_bw |" in r.stdout
+    assert "| a/b | 2x3 | 1 | 12.5 | 2 | 0.5 |" in r.stdout
+    assert "bad.json: not a microbench result" in r.stderr
