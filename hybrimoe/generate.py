@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory when the GGUF's cannot be used")
     p.add_argument("--chat", action="store_true", help="interactive chat (uses the GGUF chat template)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens of this total probability")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--dense", choices=("auto", "quant", "dequant"), default="auto",
                    help="non-expert weights: 'quant' keeps their GGUF blocks and runs them on the CPU kernels "
                         "(CPU only), 'dequant' makes float tensors on --device; auto: quant on a CPU device")
@@ -82,6 +85,12 @@ def load(args):
     from .store import ExpertStore
     from .tokenizer import load_tokenizer
 
+    for bad, msg in ((args.temperature < 0, f"--temperature must be >= 0, found {args.temperature}"),
+                     (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], found {args.top_p}"),
+                     (args.top_k < 0, f"--top-k must be >= 0, found {args.top_k}"),
+                     (args.max_new_tokens < 0, f"--max-new-tokens must be >= 0, found {args.max_new_tokens}")):
+        if bad:
+            raise _Fail(msg)
     path = args.gguf
     if path is None:
         path = synth.ensure_preset(args.preset)
@@ -139,9 +148,32 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B,) next ids: argmax when temperature <= 0, else a sample from
+    softmax(logits / temperature) restricted to the top_k most likely tokens (0 = no limit) and
+    to the smallest set of most likely tokens whose probability reaches top_p (the nucleus)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    if not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"top_p must be in (0, 1] and top_k >= 0, found top_p={top_p}, top_k={top_k}")
+    probs = torch.softmax(logits.float() / temperature, -1)
+    sp, si = torch.sort(probs, dim=-1, descending=True)
+    keep = torch.ones_like(sp, dtype=torch.bool)
+    if top_k:
+        keep[:, top_k:] = False
+    if top_p < 1:
+        # keep a token while the mass before it is below top_p (the most likely one always stays)
+        keep &= (torch.cumsum(sp, -1) - sp) < top_p
+    sp = torch.where(keep, sp, torch.zeros_like(sp))
+    pick = torch.multinomial(sp / sp.sum(-1, keepdim=True), 1, generator=generator)
+    return si.gather(-1, pick)[:, 0]
+
+
 @torch.no_grad()
 def generate_ids(model, input_ids, max_new_tokens, runtime=None, eos_id=None, temperature=0.0, on_token=None,
-                 session: KVSession | None = None):
+                 session: KVSession | None = None, top_k: int = 0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None):
     """Greedy (or sampled) decoding with the KV cache. Returns (new ids list, prefill s, decode s).
     session: reuse (and update) a KVSession's cache for a batch-1 prompt (see KVSession); the
     prefill time then covers only the tokens fed."""
@@ -166,10 +198,7 @@ def generate_ids(model, input_ids, max_new_tokens, runtime=None, eos_id=None, te
     t1 = time.perf_counter()
     new = []
     for step in range(max_new_tokens):
-        if temperature > 0:
-            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1)[:, 0]
-        else:
-            nxt = logits.argmax(-1)
+        nxt = next_token(logits, temperature, top_k, top_p, generator)
         new.append(int(nxt[0]))
         if on_token:
             on_token(new)
@@ -186,6 +215,10 @@ def generate_ids(model, input_ids, max_new_tokens, runtime=None, eos_id=None, te
     return new, t1 - t0, t2 - t1
 
 
+def logits_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _run_once(model, tok, runtime, prompt_ids, args, session: KVSession | None = None):
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], device=device)
@@ -197,8 +230,11 @@ def _run_once(model, tok, runtime, prompt_ids, args, session: KVSession | None =
         sys.stdout.flush()
         printed[0] = text
 
+    gen = None
+    if args.seed is not None:
+        gen = torch.Generator(device=logits_device(model)).manual_seed(args.seed + len(prompt_ids))
     new, t_pre, t_dec = generate_ids(model, ids, args.max_new_tokens, runtime, tok.eos_token_id,
-                                     args.temperature, on_token, session)
+                                     args.temperature, on_token, session, args.top_k, args.top_p, gen)
     print()
     return new, t_pre, t_dec
 

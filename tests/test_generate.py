@@ -76,6 +76,8 @@ def test_cli_runs_and_prints_summary(tiny_path, tmp_path):
     (["--gguf", __file__], "not a GGUF file"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--emulate-gpu", "--gpu-budget", "1K"], "smaller than one expert"),
+    (["--temperature", "0.7", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--dense", "quant", "--device", "cuda"], "CUDA is not available"),
 ])
 def test_cli_user_errors_are_one_line(args, msg, tiny_path):
     if "--device" in args and torch.cuda.is_available():
@@ -116,3 +118,32 @@ def test_kv_session_feeds_only_the_new_tokens_and_changes_nothing(preset, tmp_pa
         assert got == fresh
         assert sess.ids == prompt + got[:-1] and sess.past.get_seq_length() == len(sess.ids)
     hook.remove()
+
+
+def test_sampling_top_k_top_p_and_seed():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g) * 3
+    greedy = logits.argmax(-1)
+    assert torch.equal(generate.next_token(logits), greedy)
+    # top_k=1, or a nucleus smaller than the top token's probability, leaves only the argmax
+    assert torch.equal(generate.next_token(logits, 1.0, top_k=1, generator=g), greedy)
+    assert torch.equal(generate.next_token(logits, 1.0, top_p=1e-6, generator=g), greedy)
+    # samples stay inside the top-k set and the nucleus; a seed reproduces them
+    top5 = logits.topk(5, -1).indices
+    probs = torch.softmax(logits, -1)
+    sp, si = probs.sort(-1, descending=True)
+    nucleus = [set(si[b, : int((sp[b].cumsum(0) < 0.6).sum()) + 1].tolist()) for b in range(3)]
+    seen = [set(), set(), set()]
+    for _ in range(200):
+        k = generate.next_token(logits, 1.0, top_k=5, generator=g)
+        assert all(int(k[b]) in top5[b].tolist() for b in range(3))
+        p = generate.next_token(logits, 1.0, top_p=0.6, generator=g)
+        for b in range(3):
+            assert int(p[b]) in nucleus[b]
+            seen[b].add(int(p[b]))
+    assert any(len(s) > 1 for s in seen)  # it does sample
+    a = generate.next_token(logits, 0.8, 10, 0.9, torch.Generator().manual_seed(3))
+    b = generate.next_token(logits, 0.8, 10, 0.9, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="top_p"):
+        generate.next_token(logits, 1.0, top_p=0)
