@@ -475,6 +475,8 @@ def _quant_source(gm: GGUFModel, model: nn.Module, hf_name: str, shape: torch.Si
         hc = gm.config  # whole rows move: the permutation applies to the raw blocks as to the floats
         raw = np.ascontiguousarray(_reverse_permute(raw, hc.n_heads if ".attn_q." in src else hc.n_kv_heads))
     consumed.add(src)
+    if src.endswith("attn_kv_b.weight"):  # split copies of the same weights, as _load_tensor does
+        consumed.update(n for n in (src.replace("kv_b", "k_b"), src.replace("kv_b", "v_b")) if gm.has(n))
     return mod_name, formats.QuantTensor(raw, qtype, (rows, cols))
 
 

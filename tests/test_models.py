@@ -532,3 +532,15 @@ def test_mla_expand_kv_memo_is_exact_and_expands_only_new_positions(paths):
         # prefill expands the prompt, then one new position per step (not the whole cache)
         assert rows == [ids.shape[1]] + [1] * (new - 1), rows
     hook.remove()
+
+
+@pytest.mark.parametrize("dense", ["dequant", "quant"])
+def test_kv_b_with_its_split_copies_loads_either_way(paths, dense, cpu_tier):
+    """Some llama.cpp versions write attn_kv_b and its split attn_k_b / attn_v_b: the split copies
+    are the same weights and must count as used, whether kv_b is dequantized or kept as blocks."""
+    gm = GGUFModel(paths["tiny"])
+    for i in range(gm.config.n_layers):
+        kv = gm.tensors[f"blk.{i}.attn_kv_b.weight"]
+        gm.tensors[f"blk.{i}.attn_k_b.weight"] = gm.tensors[f"blk.{i}.attn_v_b.weight"] = kv
+    model, _, _ = load_gguf_model(gm, progress=False, dense=dense)
+    assert model.model.layers[1].self_attn.kv_b_proj.weight.shape[1] == model.config.kv_lora_rank
