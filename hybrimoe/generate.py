@@ -215,10 +215,6 @@ def generate_ids(model, input_ids, max_new_tokens, runtime=None, eos_id=None, te
     return new, t1 - t0, t2 - t1
 
 
-def logits_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _run_once(model, tok, runtime, prompt_ids, args, session: KVSession | None = None):
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], device=device)
@@ -232,7 +228,7 @@ def _run_once(model, tok, runtime, prompt_ids, args, session: KVSession | None =
 
     gen = None
     if args.seed is not None:
-        gen = torch.Generator(device=logits_device(model)).manual_seed(args.seed + len(prompt_ids))
+        gen = torch.Generator(device=device).manual_seed(args.seed + len(prompt_ids))
     new, t_pre, t_dec = generate_ids(model, ids, args.max_new_tokens, runtime, tok.eos_token_id,
                                      args.temperature, on_token, session, args.top_k, args.top_p, gen)
     print()
