@@ -81,6 +81,11 @@ class LayerStats:
     cpu_s: float = 0.0
     gpu_s: float = 0.0
     total_s: float = 0.0
+    # host time inside moe_begin: waiting for the routing's device->host copy (on CUDA: the
+    # layer's attention finishing), planning up to the CPU submit, choosing/issuing prefetches
+    sync_s: float = 0.0
+    plan_s: float = 0.0
+    prefetch_s: float = 0.0
 
 
 class _PairIndex:
@@ -384,6 +389,8 @@ class HybridRuntime:
         k = ids.shape[1]
         want_probs = self.cache.policy == "mrs" or self.record_routing
         host = torch.cat([ids.float(), w.float()] + ([probs.float()] if want_probs else []), 1).cpu().numpy()
+        t_routed = time.perf_counter()
+        st.sync_s += t_routed - t_start
         ids_np = host[:, :k].astype(np.int64)
         w_np = host[:, k:2 * k]
         p_np = host[:, 2 * k:] if want_probs else None
@@ -426,6 +433,7 @@ class HybridRuntime:
             wts.append(wt)
             ws_cpu.append(self._host_weights(layer, e))
         t_cpu0 = time.perf_counter()
+        st.plan_s += t_cpu0 - t_routed
         fut = self._ffn_submit(x_host, ws_cpu, toks, wts)
         st.on_cpu += len(cpu_list)
         st.tokens_cpu += int(sum(len(t) for t in toks))
@@ -466,6 +474,7 @@ class HybridRuntime:
             self._prefetch(i, x, p)
         if self.transfers._pending:
             self.transfers.pump(max(0.0, p.makespan - p.pcie_end) * self._link_bw(i))
+        st.prefetch_s += time.perf_counter() - t_gpu1
         return _Pending(layer, i, x, fut, y, p, t_start, t_cpu0, t_gpu0, t_gpu1)
 
     def moe_end(self, pend: "_Pending") -> torch.Tensor:
@@ -588,6 +597,8 @@ class HybridRuntime:
             "pairs_cpu": tot.tokens_cpu, "pcie_bytes": self.transfers.stats.bytes,
             "demand_loads": self.transfers.stats.demand_loads, "prefetch_loads": self.transfers.stats.prefetch_loads,
             "prefetch_used": cs["prefetch_used"], "prefetch_wasted": cs["prefetch_wasted"],
+            # mean host microseconds per MoE layer call (see LayerStats)
+            "host_us": {k: getattr(tot, f"{k}_s") / max(tot.steps, 1) * 1e6 for k in ("sync", "plan", "prefetch")},
         }
         if self.prefetcher is not None:
             acc = self.prefetcher.accuracy()

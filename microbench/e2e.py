@@ -136,7 +136,8 @@ def main(argv=None) -> int:
                          "prefill_tok_s": prefill / t_pre, "decode_tok_s": nd / t_dec, "routing": src_name,
                          "mode": mode, "cache_frac": frac, "hit_rate": s["hit_rate"],
                          "experts_gpu": s["experts_gpu"], "experts_cpu": s["experts_cpu"],
-                         "pcie_mb": s["pcie_bytes"] / 1e6, "prefetch_accuracy": s.get("prefetch_accuracy")})
+                         "pcie_mb": s["pcie_bytes"] / 1e6, "prefetch_accuracy": s.get("prefetch_accuracy"),
+                         **{f"host_{k}_us": v for k, v in s["host_us"].items()}})
             print(f"# {rows[-1]['name']}: prefill {rows[-1]['prefill_tok_s']:.1f} tok/s, decode "
                   f"{rows[-1]['decode_tok_s']:.2f} tok/s, hit rate {s['hit_rate']:.2f}", flush=True)
             # partial results survive a time limit (run_gpu.sh gives each benchmark a budget)

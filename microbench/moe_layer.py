@@ -234,7 +234,8 @@ def main(argv=None) -> int:
             rows.append({"name": f"{name}/cache{int(frac * 100)}%", "shape": shape, "tokens": tokens,
                          "median_us": t / len(layers) * 1e6, "mode": mode, "cache_frac": frac,
                          "hit_rate": s["hit_rate"], "experts_gpu": s["experts_gpu"], "experts_cpu": s["experts_cpu"],
-                         "pcie_mb": s["pcie_bytes"] / 1e6, "cpu_tier": s["cpu_tier"]})
+                         "pcie_mb": s["pcie_bytes"] / 1e6, "cpu_tier": s["cpu_tier"],
+                         **{f"host_{k}_us": v for k, v in s["host_us"].items()}})
             del rt, layers
             if cuda:
                 torch.cuda.empty_cache()

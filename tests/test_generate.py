@@ -53,6 +53,7 @@ def test_cli_runs_and_prints_summary(tiny_path, tmp_path):
              "--max-new-tokens", "8", "--plot", png, "--trace-out", trace, "--timeline", tl, "--json", js)
     assert r.returncode == 0, r.stderr
     assert "decode" in r.stdout and "cache hit rate" in r.stdout and "CPU tier" in r.stdout
+    assert "runtime host time per MoE layer" in r.stdout
     for p in (png, trace, tl, js):
         assert os.path.getsize(p) > 0
     import json
@@ -65,6 +66,7 @@ def test_cli_runs_and_prints_summary(tiny_path, tmp_path):
     assert all(e["dur"] > 0 and e["ts"] >= 0 for e in slices)
     s = json.load(open(js))
     assert s["pairs_gpu"] + s["pairs_cpu"] > 0 and 0.0 <= s["hit_rate"] <= 1.0
+    assert s["host_us"]["plan"] > 0 and s["host_us"]["prefetch"] > 0 and s["host_us"]["sync"] >= 0
     from hybrimoe.traces import load_trace
 
     tr = load_trace(trace)
