@@ -260,7 +260,7 @@ def summary_lines(s: dict) -> list[str]:
         f"{s['prefetch_used']} used, {s['prefetch_wasted']} wasted; prediction accuracy "
         f"{'n/a' if pf is None else f'{pf:.2f}'})",
     ] + ([] if "host_us" not in s else [
-        "runtime host time per MoE layer: routing copy {sync:.0f} us, planning {plan:.0f} us, "
+        "runtime host time per MoE layer: routing copy {sync:.0f} us, planning + issuing loads {plan:.0f} us, "
         "prefetch choice {prefetch:.0f} us".format(**s["host_us"])])
 
 
