@@ -50,6 +50,7 @@ from torch import nn
 from . import formats
 from .errors import ModelConfigError, QuantShapeError
 from .gguf_model import GGUFModel, MoEConfig
+from .cpu_attention import use_cpu_decode_attention
 from .layout import ExpertLayout
 from .mla import memoize_expand_kv
 from .qlinear import QuantEmbedding, QuantLinear
@@ -562,6 +563,7 @@ def load_gguf_model(path, device="cpu", dtype=torch.float32, moe_factory: MoEFac
         # DeepSeek-V2 attention re-expands its whole latent cache every step: on a CPU keep the
         # expansion of the positions already seen (hybrimoe.mla; exact, costs memory)
         memoize_expand_kv(model)
+        use_cpu_decode_attention(model)  # one-token queries as matmuls (hybrimoe.cpu_attention)
     model.eval()
     return model, gm, store
 

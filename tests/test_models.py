@@ -544,3 +544,23 @@ def test_kv_b_with_its_split_copies_loads_either_way(paths, dense, cpu_tier):
         gm.tensors[f"blk.{i}.attn_k_b.weight"] = gm.tensors[f"blk.{i}.attn_v_b.weight"] = kv
     model, _, _ = load_gguf_model(gm, progress=False, dense=dense)
     assert model.model.layers[1].self_attn.kv_b_proj.weight.shape[1] == model.config.kv_lora_rank
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_cpu_decode_attention_equals_sdpa(paths, preset):
+    """hybrimoe.cpu_attention (the CPU default): decode steps equal transformers' SDPA backend,
+    with grouped-query heads and with a padded batch (the boolean mask path)."""
+    from hybrimoe.cpu_attention import NAME
+
+    model, _, _ = load_gguf_model(paths[preset], progress=False)
+    assert model.config._attn_implementation == NAME
+    sdpa, _, _ = load_gguf_model(paths[preset], progress=False)
+    sdpa.set_attn_implementation("sdpa")
+    ids = _prompt(model.config.vocab_size, 4)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in the second row: decode steps carry a mask
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, return_dict_in_generate=True,
+              output_logits=True, pad_token_id=model.config.eos_token_id, attention_mask=mask)
+    a, b = model.generate(ids, **kw), sdpa.generate(ids, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
