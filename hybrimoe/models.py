@@ -560,10 +560,7 @@ def load_gguf_model(path, device="cpu", dtype=torch.float32, moe_factory: MoEFac
     _swap_blocks(model, sorted(moe_layers), moe_factory or reference_factory, gm, store)
     _check_materialised(model)
     if torch.device(device).type == "cpu":
-        # DeepSeek-V2 attention re-expands its whole latent cache every step: on a CPU keep the
-        # expansion of the positions already seen (hybrimoe.mla; exact, costs memory)
-        memoize_expand_kv(model)
-        use_cpu_decode_attention(model)  # one-token queries as matmuls (hybrimoe.cpu_attention)
+        _cpu_speedups(model)
     model.eval()
     return model, gm, store
 
@@ -690,4 +687,15 @@ def patch(model: nn.Module, quantize: str | None = "q4_k", gguf=None, moe_factor
             weights[i] = (gu[:, :inter], gu[:, inter:], ex.down_proj.detach().float().cpu().numpy())
         store = ArrayExpertStore(moe_config_from_hf(model.config, layers), layers, weights)
     _swap_blocks(model, layers, moe_factory or reference_factory, gm, store)
+    _cpu_speedups(model)
     return model, store
+
+
+def _cpu_speedups(model: nn.Module) -> None:
+    """On a CPU model: keep DeepSeek-V2's latent-cache expansion (hybrimoe.mla) and run one-token
+    attention as matmuls (hybrimoe.cpu_attention). Both exact; both skipped for a GPU model."""
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "cpu":
+        return
+    memoize_expand_kv(model)
+    use_cpu_decode_attention(model)

@@ -208,6 +208,7 @@ def test_patch_quantizes_experts_and_matches_stock(paths):
     orig = {i: user.model.layers[i].mlp.experts.down_proj.detach().clone() for i in store.layers}
     patched, pstore = patch(_stock_model(model, store), quantize="q4_k")
     assert isinstance(pstore, ArrayExpertStore) and pstore.layers == store.layers
+    assert patched.config._attn_implementation == "hybrimoe_cpu_decode"  # a CPU model gets the CPU speed-ups
     lay = pstore.layout(0)
     assert lay.gate_type == formats.Q4_K and lay.up_type == formats.Q4_K
     # expert_ffn=128 rows for down: not a multiple of 256 -> Q4_K_M's fallback (Q5_0 or Q8_0)
