@@ -130,6 +130,9 @@ class ExpertCache:
         self.guard_prefetch = bool(guard_prefetch)
         self.hits = self.misses = self.evictions = self.bypass = 0
         self.prefetch_used = self.prefetch_wasted = 0
+        # the same per target layer (a prefetch counts for the layer it was fetched for)
+        self.prefetch_used_by_layer = np.zeros(n_layers, np.int64)
+        self.prefetch_wasted_by_layer = np.zeros(n_layers, np.int64)
         self._hot: set | None = None
         if policy == "static":
             if static_counts is None:
@@ -257,6 +260,7 @@ class ExpertCache:
                 if key in self._prefetched:
                     self._prefetched.discard(key)
                     self.prefetch_used += 1
+                    self.prefetch_used_by_layer[layer] += 1
             out.append(slot)
         return out
 
@@ -310,6 +314,7 @@ class ExpertCache:
         if key in self._prefetched:
             self._prefetched.discard(key)
             self.prefetch_wasted += 1
+            self.prefetch_wasted_by_layer[key[0]] += 1
 
     def pin(self, layer: int, experts: Iterable[int]) -> None:
         """Protect resident experts of `layer` from eviction until `unpin`."""

@@ -583,6 +583,15 @@ class HybridRuntime:
                      name=name, score_kind="softmax_topk", source="hybrimoe.generate --trace-out")
 
     # -------------------------------------------------------------------------- summary
+    def layer_stats(self) -> dict[int, dict]:
+        """{MoE layer: its LayerStats as a dict + prefetch_used / prefetch_wasted (prefetches made
+        for that layer that were hit / evicted unused)}."""
+        cache = self.cache
+        return {layer: {**dataclasses.asdict(self.stats[layer]),
+                        "prefetch_used": int(cache.prefetch_used_by_layer[i]),
+                        "prefetch_wasted": int(cache.prefetch_wasted_by_layer[i])}
+                for i, layer in enumerate(self.moe_layers)}
+
     def summary(self) -> dict:
         tot = LayerStats()
         for s in self.stats.values():
@@ -599,6 +608,7 @@ class HybridRuntime:
             "prefetch_used": cs["prefetch_used"], "prefetch_wasted": cs["prefetch_wasted"],
             # mean host microseconds per MoE layer call (see LayerStats)
             "host_us": {k: getattr(tot, f"{k}_s") / max(tot.steps, 1) * 1e6 for k in ("sync", "plan", "prefetch")},
+            "per_layer": self.layer_stats(),
         }
         if self.prefetcher is not None:
             acc = self.prefetcher.accuracy()

@@ -81,6 +81,13 @@ def test_every_mode_and_policy_matches_reference(tiny, tmp_path, mode, policy):
             for i in range(len(store.layers)):
                 assert rt.cache.n_resident(i) <= 3
     s = rt.summary()
+    # per-layer statistics add up to the totals (prefetch used/wasted attributed to target layers)
+    per = s["per_layer"]
+    assert sorted(per) == list(store.layers)
+    assert sum(p["on_gpu"] for p in per.values()) == s["experts_gpu"]
+    assert sum(p["on_cpu"] for p in per.values()) == s["experts_cpu"]
+    assert sum(p["prefetch_used"] for p in per.values()) == s["prefetch_used"]
+    assert sum(p["prefetch_wasted"] for p in per.values()) == s["prefetch_wasted"]
     if mode == "cpu-only":
         assert s["experts_gpu"] == 0 and s["pcie_bytes"] == 0
     if mode == "gpu-only":
