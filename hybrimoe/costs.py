@@ -215,6 +215,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def l3_bytes() -> int:
+    """Size of the CPU's last-level (L3) cache from sysfs; 32 MiB when it cannot be read."""
+    try:
+        for idx in range(8):
+            base = Path(f"/sys/devices/system/cpu/cpu0/cache/index{idx}")
+            if (base / "level").read_text().strip() == "3":
+                s = (base / "size").read_text().strip()
+                mult = {"K": 1 << 10, "M": 1 << 20}.get(s[-1], 1)
+                return int(s.rstrip("KM")) * mult
+    except (OSError, ValueError):
+        pass
+    return 32 << 20
+
+
 def machine_id(gpu_name: str = "") -> str:
     """Host name + CPU model (+ the GPU name the caller passes; nothing probes CUDA here)."""
     return f"{platform.node()}|{cpu_model()}|{os.cpu_count()}|{gpu_name}"

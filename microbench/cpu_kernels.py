@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from hybrimoe import cpu, formats as F, synth
-from hybrimoe.costs import cpu_model
+from hybrimoe.costs import cpu_model, l3_bytes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import write_results  # noqa: E402
@@ -49,19 +49,6 @@ TOKENS = [1, 4, 16, 64, 512]
 QUICK_TOKENS = [1, 16, 64]
 COLD_MAX_TOKENS = 16  # beyond this the kernels are compute-bound: hot only
 NMSE_CHECK = 5e-4  # tests/test_cpu_kernels.py NMSE_INT8_ACT
-
-
-def l3_bytes() -> int:
-    try:
-        for idx in range(8):
-            base = f"/sys/devices/system/cpu/cpu0/cache/index{idx}/"
-            if open(base + "level").read().strip() == "3":
-                s = open(base + "size").read().strip()
-                mult = {"K": 1 << 10, "M": 1 << 20}.get(s[-1], 1)
-                return int(s.rstrip("KM")) * mult
-    except OSError:
-        pass
-    return 32 << 20
 
 
 def device_name() -> str:

@@ -192,3 +192,22 @@ def test_cuda_runtime_matches_reference(tiny, tmp_path, mode):
     assert s["pairs_gpu"] + s["pairs_cpu"] == 66 * m.config.top_k * len(store.layers)
     if mode in ("hybrid", "gpu-only", "kt-static"):
         assert s["experts_gpu"] > 0
+
+
+def test_start_up_calibration_reads_cold_experts_and_splits_the_job_overhead(tiny, tmp_path):
+    """The runtime's own calibration: CPU jobs rotate over a ring of experts larger than twice
+    the L3 (or every same-shape expert of the model), and the per-job overhead is measured apart
+    from the per-expert time (a 2-expert job costs 2 t1 - overhead)."""
+    from hybrimoe.costs import l3_bytes
+
+    m, store = tiny
+    rt = HybridRuntime(store, RuntimeConfig(cache_size=2, emulate_gpu=True, device="cpu", cache_dir=str(tmp_path)))
+    cm = rt.costs
+    lay = rt.layouts[0]
+    same = sum(lay == other for other in rt.layouts) * m.config.n_experts
+    assert cm.meta["cpu_ring_experts"] == min(same, -(-2 * l3_bytes() // lay.weight_bytes))
+    lc = cm.layer(0)
+    assert 0.0 <= lc.cpu_layer_overhead <= 0.5 * (lc.cpu_s[0] + lc.cpu_layer_overhead)
+    assert lc.gpu_layer_overhead == lc.cpu_layer_overhead  # the emulated GPU runs the same jobs
+    assert all(v > 0 for v in lc.cpu_s) and list(lc.cpu_s) == sorted(lc.cpu_s)
+    assert "method=ring-overhead" in cm.meta["shape_key"]
