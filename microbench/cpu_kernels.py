@@ -152,7 +152,7 @@ def bench_moe(tokens, threads_list, budget, rng, rows_out):
     """DSv2-Lite routed experts of one layer: 64 experts, top-6, Q4_K gate/up, Q5_0 down."""
     from hybrimoe.reference import expert_ffn
 
-    H, I, E, K = 2048, 1408, 64, 6
+    H, I, K = 2048, 1408, 6  # a 64-expert layer; only `used` of them are materialised
     used = 12  # experts materialised; tokens are routed among them
     ex = [(F.QuantTensor(synth.random_blocks(F.Q4_K, I, H, 0.02, rng), F.Q4_K, (I, H)),
            F.QuantTensor(synth.random_blocks(F.Q4_K, I, H, 0.02, rng), F.Q4_K, (I, H)),

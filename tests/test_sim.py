@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hybrimoe.cache import ExpertCache
 from hybrimoe.costs import CostModel, LayerCost
 from hybrimoe.prefetch import Prefetcher
 from hybrimoe.sim import (DegradedPredictor, LearnedPredictor, OraclePredictor, belady_hits, lower_bound, main,
