@@ -293,8 +293,24 @@ def _gguf_source(arch: str, hf_name: str) -> str | None:
     return None
 
 
+def _permuted_heads(gm: GGUFModel, src: str) -> int | None:
+    """Heads whose rows llama.cpp permuted in tensor `src` (arch 'llama' attn_q / attn_k), else None.
+    Whole rows move, so the same reversal applies to float rows and to raw block rows."""
+    if gm.arch == "llama" and (src.endswith(".attn_q.weight") or src.endswith(".attn_k.weight")):
+        return gm.config.n_heads if ".attn_q." in src else gm.config.n_kv_heads
+    return None
+
+
+def _consume(gm: GGUFModel, src: str, consumed: set) -> None:
+    """Mark `src` used; for attn_kv_b also its split attn_k_b / attn_v_b copies, which some
+    llama.cpp versions write beside it (the same weights)."""
+    consumed.add(src)
+    if src.endswith("attn_kv_b.weight"):
+        consumed.update(n for n in (src.replace("kv_b", "k_b"), src.replace("kv_b", "v_b")) if gm.has(n))
+
+
 def _load_tensor(gm: GGUFModel, hf_name: str, shape: torch.Size, consumed: set) -> np.ndarray:
-    arch, hc = gm.arch, gm.config
+    arch = gm.arch
     src = _gguf_source(arch, hf_name)
     if src is None:
         raise ModelConfigError(f"{gm.path}: no GGUF tensor is mapped to transformers parameter {hf_name!r} "
@@ -307,12 +323,10 @@ def _load_tensor(gm: GGUFModel, hf_name: str, shape: torch.Size, consumed: set) 
         if not gm.has(src):
             raise ModelConfigError(f"{gm.path}: tensor {src!r} (for transformers parameter {hf_name!r}) is missing")
         w = gm.dequant(src)
-        consumed.add(src)
-        if src.endswith("attn_kv_b.weight"):
-            # Some llama.cpp versions write kv_b and its split k_b/v_b copies: the same weights.
-            consumed.update(n for n in (src.replace("kv_b", "k_b"), src.replace("kv_b", "v_b")) if gm.has(n))
-        if arch == "llama" and (src.endswith(".attn_q.weight") or src.endswith(".attn_k.weight")):
-            w = _reverse_permute(w, hc.n_heads if ".attn_q." in src else hc.n_kv_heads)
+        _consume(gm, src, consumed)
+        heads = _permuted_heads(gm, src)
+        if heads is not None:
+            w = _reverse_permute(w, heads)
         if src.endswith("ffn_gate_inp_shexp.weight"):
             w = w.reshape(1, -1)
     if tuple(w.shape) != tuple(shape):
@@ -472,12 +486,10 @@ def _quant_source(gm: GGUFModel, model: nn.Module, hf_name: str, shape: torch.Si
     if (rows, cols) != tuple(shape):
         raise ModelConfigError(f"{gm.path}: tensor {src!r} has shape {(rows, cols)} (numpy order), "
                                f"transformers parameter {hf_name!r} expects {tuple(shape)}")
-    if gm.arch == "llama" and (src.endswith(".attn_q.weight") or src.endswith(".attn_k.weight")):
-        hc = gm.config  # whole rows move: the permutation applies to the raw blocks as to the floats
-        raw = np.ascontiguousarray(_reverse_permute(raw, hc.n_heads if ".attn_q." in src else hc.n_kv_heads))
-    consumed.add(src)
-    if src.endswith("attn_kv_b.weight"):  # split copies of the same weights, as _load_tensor does
-        consumed.update(n for n in (src.replace("kv_b", "k_b"), src.replace("kv_b", "v_b")) if gm.has(n))
+    heads = _permuted_heads(gm, src)
+    if heads is not None:
+        raw = np.ascontiguousarray(_reverse_permute(raw, heads))
+    _consume(gm, src, consumed)
     return mod_name, formats.QuantTensor(raw, qtype, (rows, cols))
 
 
