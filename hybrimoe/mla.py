@@ -91,3 +91,13 @@ def memoize_expand_kv(model: nn.Module) -> int:
         mod.expand_kv = _ExpandKVMemo(fn)  # instance attribute: shadows the class method
         n += 1
     return n
+
+
+def unmemoize_expand_kv(model: nn.Module) -> int:
+    """Undo memoize_expand_kv (transformers' own expand_kv again, e.g. to compare); returns how many."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod.__dict__.get("expand_kv"), _ExpandKVMemo):
+            del mod.expand_kv
+            n += 1
+    return n

@@ -32,7 +32,7 @@ from hybrimoe.generate import generate_ids  # noqa: E402
 from hybrimoe.gguf_model import GGUFModel  # noqa: E402
 from hybrimoe.layer import HybridRuntime, RuntimeConfig, hybrid_factory  # noqa: E402
 from hybrimoe.models import load_gguf_model  # noqa: E402
-from hybrimoe.mla import _ExpandKVMemo  # noqa: E402
+from hybrimoe.mla import memoize_expand_kv, unmemoize_expand_kv  # noqa: E402
 from hybrimoe.qlinear import QuantEmbedding, QuantLinear  # noqa: E402
 from hybrimoe.store import ExpertStore  # noqa: E402
 
@@ -57,13 +57,7 @@ def load(gm, store, dense: str):
 
 def set_kv_memo(model, on: bool) -> None:
     """hybrimoe.mla's incremental MLA expansion on (as loaded on a CPU) or off (transformers' own)."""
-    for mod in model.modules():
-        if isinstance(getattr(mod, "expand_kv", None), _ExpandKVMemo) and not on:
-            mod._memo_off = mod.expand_kv
-            del mod.expand_kv
-        elif on and hasattr(mod, "_memo_off"):
-            mod.expand_kv = mod._memo_off
-            del mod._memo_off
+    (memoize_expand_kv if on else unmemoize_expand_kv)(model)
 
 
 def run(model, rt, prompt, n_decode: int, reps: int):

@@ -508,14 +508,14 @@ def test_mla_expand_kv_memo_is_exact_and_expands_only_new_positions(paths):
     """hybrimoe.mla: on a CPU the DeepSeek-V2 attention keeps the expansion of the cached latents;
     generation equals the unwrapped model's, each step expands only its new positions, and a
     new sequence (another prompt, another batch size) starts over."""
-    from hybrimoe.mla import _ExpandKVMemo
+    from hybrimoe.mla import _ExpandKVMemo, unmemoize_expand_kv
 
     model, _, _ = load_gguf_model(paths["tiny"], progress=False)  # CPU: memo installed
     plain, _, _ = load_gguf_model(paths["tiny"], progress=False)
     attns = [m for m in plain.modules() if isinstance(getattr(m, "expand_kv", None), _ExpandKVMemo)]
     assert len(attns) == plain.config.num_hidden_layers
-    for m in attns:
-        del m.expand_kv  # back to transformers' own method
+    assert unmemoize_expand_kv(plain) == len(attns)  # back to transformers' own method
+    assert not any(isinstance(getattr(m, "expand_kv", None), _ExpandKVMemo) for m in plain.modules())
     rows = []
     kvb = model.model.layers[1].self_attn.kv_b_proj
     hook = kvb.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[-2]))
