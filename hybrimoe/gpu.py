@@ -118,7 +118,8 @@ def load_config(device_name: str | None, hidden: int, inter: int) -> MoeConfig:
 
 
 def _device_config(device: torch.device, hidden: int, inter: int) -> MoeConfig:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    # CPU tensors only reach the kernels under TRITON_INTERPRET=1: interpreter-friendly tiles
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-interpreter"
     return load_config(name, hidden, inter)
 
 

@@ -12,8 +12,10 @@ calibrated cost model, the scheduler mode, the prefetcher and the statistics. Ea
 
 Without CUDA: `emulate_gpu=True` keeps the GPU part on the host (slot arenas in host memory,
 the "GPU" experts computed by the CPU kernels on slot views), so the cache, scheduler, prefetch
-and slot addressing run for real in tests; `emulate_gpu=False` runs every routed expert on the
-CPU kernels (mode cpu-only), which is what a CPU-only machine should do.
+and slot addressing run for real in tests; `emulate_gpu="triton"` computes that GPU part with the
+real GPU path's code instead (slot table, `gpu.moe_forward` over the host arena, in Triton's
+interpreter: TRITON_INTERPRET=1; tests only, it is slow); `emulate_gpu=False` runs every routed
+expert on the CPU kernels (mode cpu-only), which is what a CPU-only machine should do.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class RuntimeConfig:
     policy: mrs | lru | lfu | static. schedule: hybrid | kt-static | gpu-only | cpu-only | seed.
     prefetch_size: experts prefetched per layer (0 = off); horizon: layers looked ahead.
     device: 'cuda' / 'cpu' / None (CUDA when available). emulate_gpu: on a host without CUDA, run
-    the GPU side on the CPU (tests; see module docstring). costs: path of a cost-model JSON or
+    the GPU side on the CPU (tests; True: CPU kernels, "triton": the Triton kernels in the
+    interpreter; see module docstring). costs: path of a cost-model JSON or
     None to calibrate at start-up (cached per machine and shapes in cache_dir)."""
 
     cache_size: int | None = None
@@ -55,7 +58,7 @@ class RuntimeConfig:
     prefetch_size: int = 0
     horizon: int = 3
     device: str | None = None
-    emulate_gpu: bool = False
+    emulate_gpu: bool | str = False
     cpu_threads: int | None = None
     costs: str | None = None
     cache_dir: str | None = None
@@ -162,7 +165,17 @@ class HybridRuntime:
                                 "(use --device cpu)")
         self.device = torch.device(want)
         self.gpu_real = self.device.type == "cuda"
-        self.gpu_enabled = self.gpu_real or cfg.emulate_gpu
+        if cfg.emulate_gpu not in (False, True, "triton"):
+            raise HybrimoeError(f"emulate_gpu must be False, True or 'triton', found {cfg.emulate_gpu!r}")
+        self.gpu_enabled = self.gpu_real or bool(cfg.emulate_gpu)
+        # the GPU share goes through gpu.moe_forward (on CUDA, or in Triton's interpreter)
+        self.gpu_triton = self.gpu_real or cfg.emulate_gpu == "triton"
+        if self.gpu_triton and not self.gpu_real:
+            from .gpu import _interpreting
+
+            if not _interpreting():
+                raise HybrimoeError("emulate_gpu='triton' on a host without CUDA needs TRITON_INTERPRET=1 "
+                                    "in the environment before Triton is first imported")
         self.schedule = cfg.schedule if self.gpu_enabled else "cpu-only"
         self.cpu = _cpu_module()
         if self.cpu is not None and cfg.cpu_threads:
@@ -253,7 +266,8 @@ class HybridRuntime:
         current stream before the device->host routing copies (syncs) of every layer since."""
         t = self._slot_tables.get(i)
         if t is None:
-            t = self._slot_tables[i] = (torch.empty(self.n_experts, dtype=torch.int32).pin_memory(),
+            host = torch.empty(self.n_experts, dtype=torch.int32)
+            t = self._slot_tables[i] = (host.pin_memory() if self.gpu_real else host,
                                         torch.empty(self.n_experts, dtype=torch.int32, device=self.device))
         return t
 
@@ -478,7 +492,7 @@ class HybridRuntime:
         if slot_of:
             st.on_gpu += len(slot_of)
             st.tokens_gpu += int(sum(counts[np.searchsorted(experts, e)] for e in slot_of))
-            if self.gpu_real:
+            if self.gpu_triton:
                 from . import gpu
 
                 sl_host, sl_dev = self._slot_table(i)
