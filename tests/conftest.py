@@ -46,3 +46,17 @@ def dense_gguf(tmp_path):
         return p
 
     return make
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(GGUFModel, packed ExpertStore) of the embedded tiny synthetic model, written as a GGUF."""
+    from hybrimoe import synth
+    from hybrimoe.gguf_model import GGUFModel
+    from hybrimoe.store import ExpertStore
+
+    path = synth.write_gguf(synth.PRESETS["tiny"], tmp_path_factory.mktemp("m") / "tiny.gguf")
+    m = GGUFModel(path)
+    store = ExpertStore(m)
+    store.pack(pin=False)
+    return m, store

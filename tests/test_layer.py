@@ -7,27 +7,15 @@ once; the cache never exceeds its budget."""
 import pytest
 import torch
 
-from hybrimoe import synth
 from hybrimoe.costs import CostModel, LayerCost
 from hybrimoe.errors import HybrimoeError
-from hybrimoe.gguf_model import GGUFModel
 from hybrimoe.layer import HybridMoELayer, HybridRuntime, RuntimeConfig
 from hybrimoe.reference import RoutingConfig, expert_ffn, moe_forward
 from hybrimoe.scheduler import MODES
-from hybrimoe.store import ExpertStore
 
 # fp32 reference vs kernels that quantize activations to 8 bits (CPU tiers) or not (reference
 # fallback): relative error of the whole output, ||y - ref|| / ||ref||.
 REL_TOL = 2e-2
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = synth.write_gguf(synth.PRESETS["tiny"], tmp_path_factory.mktemp("m") / "tiny.gguf")
-    m = GGUFModel(path)
-    store = ExpertStore(m)
-    store.pack(pin=False)
-    return m, store
 
 
 def _costs(store, cpu_per_tok=1e-4, gpu=2e-5, transfer=1e-4):

@@ -21,7 +21,7 @@ from hybrimoe.errors import HybrimoeError  # noqa: E402
 from hybrimoe.layer import HybridRuntime, RuntimeConfig  # noqa: E402
 from hybrimoe.scheduler import MODES  # noqa: E402
 
-from test_layer import REL_TOL, _costs, _layers, _reference, _rel, tiny  # noqa: E402,F401
+from test_layer import REL_TOL, _costs, _layers, _reference, _rel  # noqa: E402
 
 # bf16 activations: the Triton path rounds x, the dequantized tiles and silu*up to bf16 (8
 # significant bits) before its fp32 dot products (see gpu.moe_forward); the CPU share quantizes
