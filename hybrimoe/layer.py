@@ -406,7 +406,8 @@ class HybridRuntime:
                              cpu_layer_overhead=cpu_overhead,
                              gpu_layer_overhead=0.0 if self.gpu_real else cpu_overhead,
                              name=f"calibrated {self.device.type}{' (emulated gpu)' if not self.gpu_real else ''}",
-                             meta={"cpu_ring_experts": len(ring), "cpu_ring_bytes": ring_bytes})
+                             meta={"cpu_ring_experts": len(ring), "cpu_ring_bytes": ring_bytes,
+                                   "cpu_one_expert_job_s": t1})
 
         gpu_name = torch.cuda.get_device_name(self.device) if self.gpu_real else ("emulated" if self.gpu_enabled else "none")
         shape_key = (f"{lay.describe()}|cpu={self.cpu_tier()}|threads={self.cpu.num_threads() if self.cpu else 1}"
