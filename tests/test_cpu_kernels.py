@@ -295,6 +295,24 @@ def test_submit_then_wait_equals_sync(rng):
     np.testing.assert_array_equal(cpu.moe_ffn(x, experts, toks, wts).numpy(), jobs[-1][3].wait().numpy())
 
 
+def test_submit_returns_before_the_job_ends(rng):
+    """submit queues the job and returns: the job is still running when it returns (a job of
+    ~10^8 multiply-adds takes tens of ms; returning takes microseconds), and Python code runs
+    meanwhile. (A Handle returned by copy made submit wait for the whole job with the GIL held.)"""
+    experts = mixed_layer(rng)
+    T = 512
+    x = torch.from_numpy(rng.standard_normal((T, H)).astype(np.float32))
+    toks = [np.arange(T, dtype=np.int64)] * len(experts)
+    wts = [np.full(T, 0.5, np.float32)] * len(experts)
+    h = cpu.moe_ffn_submit(x, experts, toks, wts)
+    assert not h.done(), "moe_ffn_submit returned only after its job had finished"
+    spins = 0
+    while not h.done():  # Python keeps running while the pool computes
+        spins += 1
+    assert spins > 0
+    np.testing.assert_array_equal(h.wait().numpy(), cpu.moe_ffn(x, experts, toks, wts).numpy())
+
+
 def test_error_in_worker_raises_at_wait(rng):
     experts = mixed_layer(rng)[:2]
     x = rng.standard_normal((4, H)).astype(np.float32)

@@ -473,14 +473,30 @@ MoeArgs make_moe_args(uint64_t x, bool bf16, int T, int H, uint64_t out, py::arr
     return a;
 }
 
+// Move-only. It must be: a copyable Handle is returned to Python by copy, and the temporary's
+// destructor then waited for the whole job with the GIL held, making every "submit" synchronous
+// (the bug test_submit_returns_before_the_job_ends catches).
 class Handle {
    public:
     Handle(std::shared_ptr<AsyncState> st, py::object keep) : st_(std::move(st)), keep_(std::move(keep)) {}
+    Handle(Handle&&) noexcept = default;
+    Handle& operator=(Handle&&) = delete;
+    Handle(const Handle&) = delete;
+    Handle& operator=(const Handle&) = delete;
     ~Handle() {
+        if (!st_) return;  // moved from
         // The job reads buffers that keep_ holds alive: never let them go before it finishes.
-        // (No GIL needed by the job, so waiting here with the GIL held cannot deadlock.)
-        std::unique_lock<std::mutex> lk(st_->m);
-        st_->cv.wait(lk, [&] { return st_->done; });
+        // (The job needs no GIL; other Python threads may run while this waits.)
+        bool done;
+        {
+            std::lock_guard<std::mutex> lk(st_->m);
+            done = st_->done;
+        }
+        if (!done) {
+            py::gil_scoped_release nogil;
+            std::unique_lock<std::mutex> lk(st_->m);
+            st_->cv.wait(lk, [&] { return st_->done; });
+        }
     }
     bool done() {
         std::lock_guard<std::mutex> lk(st_->m);
