@@ -230,6 +230,11 @@ class HybridRuntime:
         # router's choice (routing replayed from a real trace); kernels, cache and transfers run as usual.
         self.route_override = None
 
+    def close(self) -> None:
+        """Finish the copies in flight and drop queued prefetches; call before dropping a runtime
+        whose slot arenas another one will reuse (the copy streams may still be writing them)."""
+        self.transfers.close()
+
     def set_costs(self, costs: CostModel) -> None:
         """Replace the cost model (e.g. a hand-given or loaded one) for the scheduler and prefetcher."""
         self.costs = costs

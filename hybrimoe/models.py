@@ -137,6 +137,7 @@ NAMES: dict[str, dict[str, str]] = {
 }
 
 _EXPERT_PARAM = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.")
+_ROUTER_PARAM = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate|shared_expert_gate)\.weight$")
 _LAYER_PARAM = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
@@ -554,7 +555,11 @@ def load_gguf_model(path, device="cpu", dtype=torch.float32, moe_factory: MoEFac
             _swap_quant(model, *q, dtype)
             continue
         w = _load_tensor(gm, name, shape, consumed)
-        _set_param(model, name, torch.from_numpy(w).to(device=device, dtype=dtype))
+        # routers stay float32 (the GGUF keeps them F32): a bf16 router can pick another expert
+        # where two scores nearly tie; the MoE blocks that replace these read them as tensors
+        m = _ROUTER_PARAM.match(name)
+        keep = torch.float32 if m and int(m.group(1)) in moe_layers else dtype
+        _set_param(model, name, torch.from_numpy(w).to(device=device, dtype=keep))
     if config.tie_word_embeddings:
         emb = model.model.embed_tokens
         if isinstance(emb, QuantEmbedding):

@@ -3,7 +3,8 @@ picture of one decode step, with CPU, GPU and PCIe lanes per MoE layer.
 
 Input: `HybridRuntime.timeline` records (one per layer call, host wall-clock) and the transfer
 engine's events. Lanes: "CPU experts" from submit to the join, "GPU experts" from launch to its
-return (emulated or, on CUDA, host-side launch span), "PCIe" one slice per copy.
+return (emulated or, on CUDA, host-side launch span), "PCIe" one slice per copy (on CUDA its
+device-side span, placed on the host clock by TransferEngine.event_times).
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ def _events(runtime):
         g0, g1 = r["gpu"]
         ev.append(("CPU", f"{name}: {len(p.cpu)} experts", c0 - t0, c1 - t0, r))
         ev.append(("GPU", f"{name}: {len(p.gpu)} hits + {len(p.loads)} loads", g0 - t0, g1 - t0, r))
-    for kind, pool, slot, n, s, e in runtime.transfers.events:
-        if isinstance(s, float):
-            ev.append(("PCIe", f"{kind} pool {pool} slot {slot} ({n / 1e6:.2f} MB)", s - t0, e - t0, None))
+    for kind, pool, slot, n, s, e in runtime.transfers.event_times():
+        ev.append(("PCIe", f"{kind} pool {pool} slot {slot} ({n / 1e6:.2f} MB)", s - t0, e - t0, None))
     return ev, t0
 
 
@@ -65,8 +65,8 @@ def plot_step(runtime, path: str, step: int | None = None) -> None:
             ax.broken_barh([((a - t0) * 1e3, max((b - a) * 1e3, 1e-3))], (y - 0.35, 0.7), facecolors=c)
         ax.text((r["cpu"][0] - t0) * 1e3, 2.42, f"L{r['layer']}", fontsize=7)
     t_end = max(r["cpu"][1] for r in sel)
-    for kind, pool, slot, n, s, e in runtime.transfers.events:
-        if isinstance(s, float) and t0 <= s <= t_end:
+    for kind, pool, slot, n, s, e in runtime.transfers.event_times():
+        if t0 <= s <= t_end:
             ax.broken_barh([((s - t0) * 1e3, max((e - s) * 1e3, 1e-3))], (0 - 0.35, 0.7),
                            facecolors="tab:red" if kind == "load" else "tab:green")
     ax.set_yticks([0, 1, 2], ["PCIe", "GPU", "CPU"])

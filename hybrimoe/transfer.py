@@ -49,6 +49,12 @@ class TransferEngine:
             self.prefetch_stream = torch.cuda.Stream(self.device, priority=lo)
             self._copy_done = [[None] * n for n, _ in pools]
             self._read_done = [[None] * n for n, _ in pools]
+            # the arenas come from the current stream's pool but the copy streams write them: the
+            # caching allocator must not hand their memory out again before those copies finish
+            for a in self.arenas:
+                a.record_stream(self.demand_stream)
+                a.record_stream(self.prefetch_stream)
+            self._t_ref = None  # (CUDA event, host perf_counter) pairing event times with host time
         self.events: list[tuple] = []  # (kind, pool, slot, nbytes, start_evt/time, end_evt/time)
         self._pending: deque = deque()  # queued prefetch chunks: (pool, slot, src, offset, last)
         self.record = False
@@ -70,6 +76,11 @@ class TransferEngine:
                             stream.wait_event(ev)
                 start = torch.cuda.Event(enable_timing=True) if self.record else None
                 if start is not None:
+                    if self._t_ref is None:
+                        ref = torch.cuda.Event(enable_timing=True)
+                        ref.record(stream)
+                        ref.synchronize()
+                        self._t_ref = (ref, time.perf_counter())
                     start.record(stream)
                 dst.copy_(src, non_blocking=True)
                 done = torch.cuda.Event(enable_timing=self.record)
@@ -162,6 +173,25 @@ class TransferEngine:
         if self.cuda:
             self.demand_stream.synchronize()
             self.prefetch_stream.synchronize()
+
+    def close(self) -> None:
+        """Drop queued prefetch chunks and wait for the copies already issued (call before the
+        engine's arenas are released, e.g. between benchmark configurations)."""
+        self._pending.clear()
+        self.synchronize()
+
+    def event_times(self) -> list[tuple]:
+        """Recorded copies (record=True) as (kind, pool, slot, nbytes, start, end) with host
+        perf_counter seconds; on CUDA the copy streams are synchronized first and each copy's
+        device-side start/end is placed on the host clock through a reference event."""
+        if not self.cuda:
+            return list(self.events)
+        if not self.events:
+            return []
+        self.synchronize()
+        ref, t_host = self._t_ref
+        return [(kind, pool, slot, n, t_host + ref.elapsed_time(s) / 1e3, t_host + ref.elapsed_time(e) / 1e3)
+                for kind, pool, slot, n, s, e in self.events]
 
 
 def measure_h2d(nbytes: int, device: torch.device, reps: int = 20) -> dict:

@@ -75,6 +75,7 @@ def run_config(model, store, gm, cfg, prompt, n_decode, routing_src):
         rt.route_override = TraceRouting(routing_src, rt.moe_layers, gm.config.top_k, gm.config.n_experts)
     new, t_pre, t_dec = generate_ids(model, prompt, n_decode, rt)
     s = rt.summary()
+    rt.close()  # copies in flight finish before the next configuration's arenas take the memory
     return t_pre, t_dec, len(new) - 1, s
 
 

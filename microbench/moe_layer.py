@@ -236,6 +236,7 @@ def main(argv=None) -> int:
                          "hit_rate": s["hit_rate"], "experts_gpu": s["experts_gpu"], "experts_cpu": s["experts_cpu"],
                          "pcie_mb": s["pcie_bytes"] / 1e6, "cpu_tier": s["cpu_tier"],
                          **{f"host_{k}_us": v for k, v in s["host_us"].items()}})
+            rt.close()
             del rt, layers
             if cuda:
                 torch.cuda.empty_cache()

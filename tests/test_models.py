@@ -234,8 +234,15 @@ def test_patch_with_gguf_experts_equals_loaded_model(paths):
 
 def test_bfloat16_load_and_tied_embeddings(paths):
     model, gm, _ = load_gguf_model(paths["tiny-qwen2moe"], progress=False)
-    m16, _, _ = load_gguf_model(paths["tiny-qwen2moe"], dtype=torch.bfloat16, progress=False)
-    assert {p.dtype for p in m16.parameters()} == {torch.bfloat16}
+    m16, gm16, _ = load_gguf_model(paths["tiny-qwen2moe"], dtype=torch.bfloat16, progress=False)
+    routers = {n: p for n, p in m16.named_parameters() if n.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))}
+    assert routers and {p.dtype for n, p in m16.named_parameters() if n not in routers} == {torch.bfloat16}
+    # routers keep the file's float32 values exactly (bf16 routing could pick other experts)
+    for n, p in routers.items():
+        layer = int(n.split(".")[2])
+        key = "ffn_gate_inp" if n.endswith("mlp.gate.weight") else "ffn_gate_inp_shexp"
+        want = torch.from_numpy(gm16.dequant(f"blk.{layer}.{key}.weight")).reshape(p.shape)
+        assert p.dtype == torch.float32 and torch.equal(p, want), n
     ids = _prompt(model.config.vocab_size, 3)
     with torch.no_grad():
         a, b = model(ids).logits, m16(ids).logits.float()

@@ -59,3 +59,39 @@ def test_cuda_chunked_prefetch_then_read():
     te.wait_slots(0, [1])
     torch.cuda.synchronize()
     assert torch.equal(te.arenas[0][1].cpu(), src)
+
+
+def test_recorded_copies_and_close():
+    te = TransferEngine([(2, 10_000)], torch.device("cpu"))
+    te.chunk_bytes = 1_000
+    te.record = True
+    te.load(0, 0, _src(5_000, 5))
+    te.load(0, 1, _src(3_000, 6), prefetch=True)
+    te.pump(1_000)
+    ev = te.event_times()
+    assert [(k, s, n) for k, _, s, n, _, _ in ev] == [("load", 0, 5_000), ("prefetch", 1, 1_000)]
+    assert all(isinstance(a, float) and a <= b for *_, a, b in ev) and ev[0][5] <= ev[1][4]
+    te.close()  # queued chunks dropped, nothing in flight
+    assert te.pending_bytes() == 0
+
+
+@pytest.mark.gpu
+def test_cuda_event_times_are_host_seconds():
+    """On CUDA the recorded copies are device events; event_times places them on the host clock,
+    inside the host interval in which they were issued and waited for."""
+    import time
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    te = TransferEngine([(2, 4 << 20)], torch.device("cuda"))
+    te.record = True
+    t0 = time.perf_counter()
+    te.load(0, 0, _src(4 << 20, 7).pin_memory())
+    te.load(0, 1, _src(4 << 20, 8).pin_memory())
+    ev = te.event_times()
+    t1 = time.perf_counter()
+    assert len(ev) == 2
+    for kind, _, _, n, a, b in ev:
+        assert kind == "load" and n == 4 << 20
+        assert t0 - 1e-3 <= a <= b <= t1 + 1e-3
+    te.close()
