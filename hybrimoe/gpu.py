@@ -117,7 +117,9 @@ def load_config(device_name: str | None, hidden: int, inter: int) -> MoeConfig:
     return cfg
 
 
+@functools.lru_cache(maxsize=None)
 def _device_config(device: torch.device, hidden: int, inter: int) -> MoeConfig:
+    """load_config for a tensor's device, memoised (it is looked up on every layer call)."""
     # CPU tensors only reach the kernels under TRITON_INTERPRET=1: interpreter-friendly tiles
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-interpreter"
     return load_config(name, hidden, inter)
@@ -475,7 +477,7 @@ def _cuda_sources() -> tuple:
     from importlib import resources
     from pathlib import Path
 
-    cu = Path(str(resources.files("hybrimoe.cuda_kernels").joinpath("q4k_gemv.cu")))
+    cu = Path(str(resources.files("hybrimoe.cuda_kernels").joinpath("q4k_gemv.cu"))).resolve()  # through links
     for inc in (cu.parent.parent / "cpu", cu.parent):
         if (inc / "blocks.h").is_file():
             return cu, inc

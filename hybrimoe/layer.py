@@ -276,6 +276,23 @@ class HybridRuntime:
                                         torch.empty(self.n_experts, dtype=torch.int32, device=self.device))
         return t
 
+    def _cpu_out(self, T: int, H: int) -> torch.Tensor:
+        """Zeroed pinned (T, H) float32 buffer for the CPU experts' output on CUDA: moe_end copies it
+        to the device without a host sync. One buffer (grown by doubling) serves every layer; before
+        it is rewritten, the last copy out of it must have finished (an event, normally long done)."""
+        buf = getattr(self, "_cpu_out_buf", None)
+        if buf is None or buf.shape[0] < T:
+            if buf is not None:
+                self._cpu_out_read.synchronize()
+            n = max(T, 2 * buf.shape[0] if buf is not None else 1)
+            buf = self._cpu_out_buf = torch.empty(n, H, dtype=torch.float32).pin_memory()
+            self._cpu_out_read = torch.cuda.Event()
+        else:
+            self._cpu_out_read.synchronize()
+        out = buf[:T]
+        out.zero_()
+        return out
+
     def _host_weights(self, layer: int, e: int):
         """The expert's host blocks (views into the store's pinned arena), memoised per expert."""
         key = ("host", layer, e)
@@ -289,13 +306,14 @@ class HybridRuntime:
         """Bytes per second of host->slot copies for layer i, from the calibrated transfer time."""
         return self.layouts[i].nbytes / max(self.costs.transfer_time(i), 1e-9)
 
-    def _ffn_submit(self, x: torch.Tensor, experts, toks, ws):
-        """Fused FFN over (experts, token lists, weights) on the CPU pool; reference fallback."""
+    def _ffn_submit(self, x: torch.Tensor, experts, toks, ws, out: torch.Tensor | None = None):
+        """Fused FFN over (experts, token lists, weights) on the CPU pool, accumulated into `out`
+        (zeros when None); reference fallback."""
         if not experts:
             return _SyncResult(None)
         if self.cpu is not None:
-            return self.cpu.moe_ffn_submit(x, experts, toks, ws)
-        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
+            return self.cpu.moe_ffn_submit(x, experts, toks, ws, out=out)
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32) if out is None else out
         for (g, u, d), t, w in zip(experts, toks, ws):
             t = torch.as_tensor(t, dtype=torch.long)
             y = reference.expert_ffn(x[t], *(torch.from_numpy(q.dequantize()) for q in (g, u, d)))
@@ -440,15 +458,19 @@ class HybridRuntime:
         st.steps += 1
         T_, H = x.shape
         # Routing to the host in ONE device->host copy (each is a sync on CUDA): ids (exact in
-        # float32 below 2^24), weights, and the full scores when MRS or the trace recorder reads them.
+        # float32 below 2^24), weights, the full scores when MRS or the trace recorder reads them,
+        # and the look-ahead routers' top-k on this input (prefetch), launched before the copy.
         k = ids.shape[1]
         want_probs = self.cache.policy == "mrs" or self.record_routing
-        host = torch.cat([ids.float(), w.float()] + ([probs.float()] if want_probs else []), 1).cpu().numpy()
+        la_ids = self._lookahead_ids(i, x) if self.prefetcher is not None else None
+        parts = [ids.float(), w.float()] + ([probs.float()] if want_probs else [])
+        host = torch.cat(parts + ([la_ids.float()] if la_ids is not None else []), 1).cpu().numpy()
         t_routed = time.perf_counter()
         st.sync_s += t_routed - t_start
         ids_np = host[:, :k].astype(np.int64)
         w_np = host[:, k:2 * k]
-        p_np = host[:, 2 * k:] if want_probs else None
+        p_np = host[:, 2 * k:2 * k + probs.shape[1]] if want_probs else None
+        la_np = host[:, host.shape[1] - la_ids.shape[1]:].astype(np.int64) if la_ids is not None else None
         counts = np.bincount(ids_np.ravel(), minlength=self.n_experts)
         experts = np.flatnonzero(counts)  # activated experts, ascending
         counts = counts[experts]
@@ -489,7 +511,8 @@ class HybridRuntime:
             ws_cpu.append(self._host_weights(layer, e))
         t_cpu0 = time.perf_counter()
         st.plan_s += t_cpu0 - t_routed
-        fut = self._ffn_submit(x_host, ws_cpu, toks, wts)
+        fut = self._ffn_submit(x_host, ws_cpu, toks, wts,
+                               out=self._cpu_out(T_, H) if self.gpu_real and cpu_list else None)
         st.on_cpu += len(cpu_list)
         st.tokens_cpu += int(sum(len(t) for t in toks))
         # GPU part
@@ -526,7 +549,7 @@ class HybridRuntime:
         # prefetch for the next layers while this one computes, then issue queued prefetch chunks
         # worth this layer's predicted idle link time (demand loads of the next layer come after)
         if self.prefetcher is not None:
-            self._prefetch(i, x, p)
+            self._prefetch(i, la_np, p)
         if self.transfers._pending:
             self.transfers.pump(max(0.0, p.makespan - p.pcie_end) * self._link_bw(i))
         st.prefetch_s += time.perf_counter() - t_gpu1
@@ -541,10 +564,13 @@ class HybridRuntime:
         t_cpu0, t_gpu0, t_gpu1, t_start = pend.t_cpu0, pend.t_gpu0, pend.t_gpu1, pend.t_start
         t_cpu1 = time.perf_counter()
         st.cpu_s += t_cpu1 - t_cpu0
+        if y_cpu is not None and self.gpu_real:  # from the pinned buffer, without a host sync
+            y_cpu = y_cpu.to(x.device, non_blocking=True)
+            self._cpu_out_read.record()
         if y is None:
-            y = y_cpu.to(x.device) if y_cpu is not None else torch.zeros(T_, H, dtype=torch.float32, device=x.device)
+            y = y_cpu if y_cpu is not None else torch.zeros(T_, H, dtype=torch.float32, device=x.device)
         elif y_cpu is not None:
-            y = y + y_cpu.to(y.device)
+            y = y + y_cpu
         self.cache.unpin(i)
         st.total_s += time.perf_counter() - t_start
         if self.config.record_timeline:
@@ -578,13 +604,24 @@ class HybridRuntime:
     def predict(self, i: int, x: torch.Tensor) -> dict[int, Prediction]:
         """Predicted experts of MoE layers i+1..i+horizon (indices into moe_layers) for input x of
         layer i: {layer index: Prediction}, confidence = measured recall at that distance."""
+        la = self._lookahead_ids(i, x)
+        return {} if la is None else self._predictions(i, la.cpu().numpy())
+
+    def _lookahead_ids(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
+        """(T, n*k) expert ids on x's device that the routers of the n look-ahead layers of MoE
+        layer i pick for x (one matmul, one top-k; no host sync), or None when there are none.
+        Each look-ahead layer's router applied to this layer's input is the paper's prediction;
+        softmax and sigmoid are monotonic per row, so the top-k of the logits are the routed ids."""
         js, w_stack = self._lookahead(i)
         if not js:
-            return {}
-        # Each look-ahead layer's router applied to this layer's input (the paper's prediction).
-        # Softmax and sigmoid are monotonic per row, so the top-k of the logits are the routed ids.
+            return None
         logits = (x.float() @ w_stack.T).view(x.shape[0], len(js), self.n_experts)
-        pred_ids = torch.topk(logits, self.top_k, dim=-1).indices.cpu().numpy()  # (T, n, k): one copy
+        return torch.topk(logits, self.top_k, dim=-1).indices.reshape(x.shape[0], -1)
+
+    def _predictions(self, i: int, la_np: np.ndarray) -> dict[int, Prediction]:
+        """Predictions of the look-ahead layers from their top-k ids (T, n*k) on the host."""
+        js, _ = self._lookahead(i)
+        pred_ids = la_np.reshape(la_np.shape[0], len(js), self.top_k)
         preds = {}
         for d, j in enumerate(js):
             c = np.bincount(pred_ids[:, d].ravel(), minlength=self.n_experts)
@@ -595,10 +632,10 @@ class HybridRuntime:
             preds[j] = Prediction(e, c[e], np.full(len(e), prob))
         return preds
 
-    def _prefetch(self, i: int, x: torch.Tensor, p) -> None:
-        preds = self.predict(i, x)
-        if not preds:
+    def _prefetch(self, i: int, la_np: np.ndarray | None, p) -> None:
+        if la_np is None:
             return
+        preds = self._predictions(i, la_np)
         # backlog: link time of prefetch bytes still queued or in flight, so the budget is not overcommitted.
         # Prefetches move in chunks that demand loads overtake, so one may span several layers' idle time.
         backlog = (self.transfers.pending_bytes() / self._link_bw(i)

@@ -4,6 +4,7 @@ Every schedule mode and cache policy must give the reference MoE output (the pla
 where an expert runs, never what it computes); every (token, expert) pair is computed exactly
 once; the cache never exceeds its budget."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -200,3 +201,29 @@ def test_start_up_calibration_reads_cold_experts_and_splits_the_job_overhead(tin
     assert lc.gpu_layer_overhead == lc.cpu_layer_overhead  # the emulated GPU runs the same jobs
     assert all(v > 0 for v in lc.cpu_s) and list(lc.cpu_s) == sorted(lc.cpu_s)
     assert "method=ring-overhead" in cm.meta["shape_key"]
+
+
+@pytest.mark.parametrize("policy", ["mrs", "lru"])
+def test_lookahead_rides_in_the_routing_copy(tiny, tmp_path, policy):
+    """moe_begin brings the look-ahead routers' top-k to the host in the routing copy (one sync
+    per layer); the ids the prefetcher gets are the look-ahead routers' own, whether or not the
+    full scores (MRS) share that copy."""
+    m, store = tiny
+    rt = HybridRuntime(store, RuntimeConfig(cache_size=2, schedule="hybrid", emulate_gpu=True, device="cpu",
+                                            policy=policy, prefetch_size=2, horizon=2, cache_dir=str(tmp_path)))
+    rt.set_costs(_costs(store))
+    layers = _layers(m, store, rt)
+    seen = []
+    orig = rt._prefetch
+    rt._prefetch = lambda i, la_np, p: (seen.append((i, la_np)), orig(i, la_np, p))[1]
+    xs = {}
+    for layer, mod in layers.items():
+        xs[rt.index[layer]] = x = torch.randn(5, m.config.hidden)
+        mod(x)
+    assert len(seen) == len(layers)
+    for i, la_np in seen:
+        want = rt._lookahead_ids(i, xs[i])
+        if want is None:
+            assert la_np is None
+        else:
+            assert la_np is not None and np.array_equal(la_np, want.numpy()), i
