@@ -56,6 +56,7 @@ from .mla import memoize_expand_kv
 from .qlinear import QuantEmbedding, QuantLinear
 from .reference import RoutingConfig, moe_forward
 from .store import ExpertStore
+from .transfer import host_zeros
 
 # --------------------------------------------------------------------------- arch tables ------
 # GGUF arch -> (transformers model_type, config class name, causal-LM class name)
@@ -604,7 +605,8 @@ class ArrayExpertStore(ExpertStore):
         self._arena_t: dict[int, torch.Tensor] = {}
         if pin is None:
             pin = torch.cuda.is_available()
-        self.pinned = bool(pin)
+        pin = bool(pin)
+        self._pinned: dict[int, bool] = {}
         H, inter, E = config.hidden, config.expert_ffn, config.n_experts
         for layer in self.layers:
             parts = weights[layer]
@@ -618,7 +620,8 @@ class ArrayExpertStore(ExpertStore):
                                           f"weights (not a multiple of 32): no supported expert format")
                 types.append(t)
             lay = ExpertLayout(H, inter, *types)
-            buf = torch.zeros((E, lay.nbytes), dtype=torch.uint8, pin_memory=self.pinned)
+            buf = host_zeros((E, lay.nbytes), pin)
+            self._pinned[layer] = pin
             arena = buf.numpy()
             for (off, nb, t), w in zip(((lay.gate_offset, lay.gate_bytes, types[0]),
                                         (lay.up_offset, lay.up_bytes, types[1]),

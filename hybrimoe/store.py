@@ -6,8 +6,9 @@ For every MoE layer the GGUF holds three 3-D tensors, `ffn_{gate,up,down}_exps` 
 host arena where each expert is one contiguous span [gate | up | down] (hybrimoe/layout.py).
 That span is what one PCIe copy moves to a GPU slot.
 
-Pinning: with CUDA present the arena is allocated in pinned (page-locked) memory, so a copy to
-the GPU is one DMA without a staging buffer. We pack into a pinned arena rather than pinning the
+Pinning: with CUDA present the arena is page-locked (registered in place, transfer.host_zeros:
+torch's pinned allocator would round each layer up to a power of two), so a copy to the GPU is
+one DMA without a staging buffer. We pack into a pinned arena rather than pinning the
 mmap in place (cudaHostRegister): in a GGUF the gate, up and down blocks of one expert lie in
 three different tensors, so in place an expert is three scattered spans (three DMAs, three
 events) and registering a multi-GB file mapping pins the page cache of the whole file. The
@@ -83,7 +84,7 @@ class ExpertStore:
             self._layouts[layer] = ExpertLayout(cfg.hidden, cfg.expert_ffn, *types)
         self._arena: dict[int, np.ndarray] = {}
         self._arena_t: dict = {}  # layer -> torch uint8 (E, nbytes) owning the arena's memory
-        self.pinned = False
+        self._pinned: dict[int, bool] = {}
 
     def _check(self, layer: int, e: int) -> None:
         if layer not in self._layouts:
@@ -117,6 +118,8 @@ class ExpertStore:
         left as it is (its views may be held by a runtime)."""
         import torch
 
+        from .transfer import host_zeros
+
         if pin is None:
             pin = torch.cuda.is_available()
         for layer in layers if layers is not None else self.layers:
@@ -124,7 +127,7 @@ class ExpertStore:
                 continue
             lay = self._layouts[layer]
             E = self.config.n_experts
-            buf = torch.zeros((E, lay.nbytes), dtype=torch.uint8, pin_memory=bool(pin))
+            buf = host_zeros((E, lay.nbytes), bool(pin))
             arena = buf.numpy()
             gt, ut, dt = self._tensors[layer]
             arena[:, lay.gate_offset: lay.gate_offset + lay.gate_bytes] = gt.reshape(E, -1)
@@ -132,7 +135,12 @@ class ExpertStore:
             arena[:, lay.down_offset: lay.down_offset + lay.down_bytes] = dt.reshape(E, -1)
             self._arena[layer] = arena
             self._arena_t[layer] = buf  # keep the torch owner alive (pinned allocation)
-        self.pinned = bool(pin)
+            self._pinned[layer] = bool(pin)
+
+    @property
+    def pinned(self) -> bool:
+        """True when every packed layer's arena is page-locked (and at least one is packed)."""
+        return bool(self._pinned) and all(self._pinned.values())
 
     def span(self, layer: int, e: int) -> np.ndarray:
         """Contiguous bytes [gate | up | down] of one expert; packs the layer on first use."""

@@ -21,9 +21,11 @@ slot addressing run exactly as on the GPU (the emulated GPU of the tests).
 from __future__ import annotations
 
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -192,6 +194,55 @@ class TransferEngine:
         ref, t_host = self._t_ref
         return [(kind, pool, slot, n, t_host + ref.elapsed_time(s) / 1e3, t_host + ref.elapsed_time(e) / 1e3)
                 for kind, pool, slot, n, s, e in self.events]
+
+
+def clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last error after a failed call made through torch.cuda.cudart()
+    (its bindings return the error but leave it set, and the next kernel launch would raise it)."""
+    import ctypes
+
+    try:  # torch's own libcudart (already loaded, so found by name)
+        ctypes.CDLL(f"libcudart.so.{torch.version.cuda.split('.')[0]}").cudaGetLastError()
+        return
+    except Exception:
+        pass
+    try:
+        get = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
+        if get is not None:
+            get()
+    except Exception:
+        pass
+
+
+def _unregister(ptr: int) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    except Exception:  # interpreter shutdown: CUDA may be gone already
+        pass
+
+
+def host_zeros(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
+    """Zeroed uint8 host tensor; pin=True page-locks it for DMA.
+
+    Pinned memory is registered in place (cudaHostRegister on a numpy allocation), not taken from
+    torch's pinned-memory allocator, which rounds every request up to a power of two: a 333 MB
+    DSv2-Lite layer arena would hold 512 MB of page-locked memory, ~1.5x the model's experts in all.
+    The registration is undone when the last view of the memory is gone. If registering fails
+    (e.g. a sandbox without it), torch's allocator is used instead."""
+    if not pin:
+        return torch.zeros(shape, dtype=torch.uint8)
+    nd = np.zeros(shape, dtype=np.uint8)
+    ptr = nd.ctypes.data
+    try:
+        ok = int(torch.cuda.cudart().cudaHostRegister(ptr, max(nd.nbytes, 1), 0)) == 0
+    except Exception:
+        ok = False
+    if not ok:
+        clear_cuda_error()
+        return torch.zeros(shape, dtype=torch.uint8, pin_memory=True)
+    # the ndarray outlives every tensor made from it (torch.from_numpy keeps it alive)
+    weakref.finalize(nd, _unregister, ptr)
+    return torch.from_numpy(nd)
 
 
 def measure_h2d(nbytes: int, device: torch.device, reps: int = 20) -> dict:

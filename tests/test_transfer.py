@@ -95,3 +95,51 @@ def test_cuda_event_times_are_host_seconds():
         assert kind == "load" and n == 4 << 20
         assert t0 - 1e-3 <= a <= b <= t1 + 1e-3
     te.close()
+
+
+def test_host_zeros_registers_in_place_and_unregisters_after_the_last_view(monkeypatch):
+    """Pinned arenas are numpy memory registered with cudaHostRegister (no power-of-two rounding);
+    the registration lives as long as any tensor or array still views the memory."""
+    import gc
+
+    from hybrimoe import transfer
+
+    calls = []
+
+    class FakeCudart:
+        def cudaHostRegister(self, ptr, n, flags):
+            calls.append(("register", ptr, n))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
+    t = transfer.host_zeros((3, 1000), pin=True)
+    assert t.shape == (3, 1000) and t.dtype == torch.uint8 and not t.any()
+    assert calls == [("register", t.data_ptr(), 3000)]
+    row = t[1]  # a view made by a runtime (a slot's source span)
+    del t
+    gc.collect()
+    assert [c[0] for c in calls] == ["register"]  # still viewed
+    row.fill_(7)
+    del row
+    gc.collect()
+    assert [c[0] for c in calls] == ["register", "unregister"] and calls[1][1] == calls[0][1]
+    assert not transfer.host_zeros((2, 5), pin=False).any()
+
+
+@pytest.mark.gpu
+def test_host_zeros_pinned_on_cuda():
+    from hybrimoe.transfer import host_zeros
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    t = host_zeros((4, 1 << 20), pin=True)
+    assert t.is_pinned()
+    t[2] = _src(1 << 20, 9)
+    d = torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
+    d.copy_(t[2], non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(d.cpu(), t[2])
