@@ -170,6 +170,13 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, t
     return si.gather(-1, pick)[:, 0]
 
 
+def _sync_cuda() -> None:
+    """Wait for queued GPU work before reading a clock (kernel launches return at once); a no-op
+    in a process that never touched CUDA."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
 def generate_ids(model, input_ids, max_new_tokens, runtime=None, eos_id=None, temperature=0.0, on_token=None,
                  session: KVSession | None = None, top_k: int = 0, top_p: float = 1.0,
@@ -195,6 +202,7 @@ def generate_ids(model, input_ids, max_new_tokens, runtime=None, eos_id=None, te
     out = model(input_ids=input_ids[:, start:], past_key_values=past, use_cache=True)
     past = out.past_key_values
     logits = out.logits[:, -1].float()
+    _sync_cuda()  # the prefill's queued kernels belong to the prefill time, not the decode's
     t1 = time.perf_counter()
     new = []
     for step in range(max_new_tokens):
@@ -209,6 +217,7 @@ def generate_ids(model, input_ids, max_new_tokens, runtime=None, eos_id=None, te
         out = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
         past = out.past_key_values
         logits = out.logits[:, -1].float()
+    _sync_cuda()
     t2 = time.perf_counter()
     if session is not None:  # the cache holds the prompt and every new token but the last
         session.past, session.ids = (past, prompt + new[:-1]) if prompt is not None else (None, [])

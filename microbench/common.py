@@ -24,6 +24,9 @@ def device_name() -> str:
 
 
 def commit() -> str:
+    """Short HEAD (+ "-dirty"); $HYBRIMOE_COMMIT first: the GPU box's copy of the tree may have no .git."""
+    if os.environ.get("HYBRIMOE_COMMIT"):
+        return os.environ["HYBRIMOE_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -31,17 +31,15 @@ with the reference's CPU timing (no GPU numbers); without --quick it exits with 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_results  # noqa: E402
 
 # name: (hidden, inter, experts, top_k, gate, up, down type names)
 SHAPES = {
@@ -54,19 +52,8 @@ TOKENS = [1, 4, 16, 64, 256, 1024]
 QUICK_SHAPES = ["dsv2_lite", "qwen3_30b_a3b"]
 QUICK_TOKENS = [1, 16, 256]
 L2_BYTES_FALLBACK = 60 * 2**20
-
-
-def _commit() -> str:
-    if os.environ.get("HYBRIMOE_COMMIT"):
-        return os.environ["HYBRIMOE_COMMIT"]
-    try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (head + ("-dirty" if dirty else "")) or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+MOE_TOL = 2e-2   # MoE variants vs cublas_bf16: bf16 operands on both sides, different rounding points
+GEMV_TOL = 1e-4  # cuda_q4k_gemv vs dequantize() @ x: float32 both sides, only the summation order differs
 
 
 def _layout(shape):
@@ -205,12 +192,20 @@ def _dequant_cublas_moe(x, wts, groups, prob, out):
     return out
 
 
+def _rel_err(got, ref) -> float:
+    return (torch.linalg.vector_norm(got.float() - ref) / torch.linalg.vector_norm(ref)).item()
+
+
 def bench_problem(prob, tokens, copy_gbs, rows, config=None, variants=("triton_moe", "cublas_bf16",
-                                                                       "dequant_cublas")):
+                                                                       "dequant_cublas"), t_end=None):
+    """Rows for each token count and variant; no new token count once time.time() > t_end."""
     from hybrimoe import gpu
 
     lay = prob.layout
-    for t in tokens:
+    for i, t in enumerate(tokens):
+        if t_end is not None and time.time() > t_end:
+            print(f"  {prob.name}: time budget spent: skipping tokens {tokens[i:]}", flush=True)
+            break
         rots = prob.routings(t)
         n_rot = len(rots)
         outs = [torch.empty(t, lay.hidden, device="cuda") for _ in range(n_rot)]
@@ -223,14 +218,13 @@ def bench_problem(prob, tokens, copy_gbs, rows, config=None, variants=("triton_m
             "dequant_cublas": lambda r: _dequant_cublas_moe(rots[r][0], rots[r][2], rots[r][3],
                                                             prob, outs[r]),
         }
-        # correctness first: ours against cuBLAS on dequantized weights, rotation 0
+        # correctness first: each variant against cuBLAS on dequantized weights, rotation 0
         ref = _cublas_moe(rots[0][0], rots[0][2], rots[0][3], prob.dense_weights(),
                           torch.empty(t, lay.hidden, device="cuda")).clone()
-        got = fns["triton_moe"](0).clone()
-        rel = (torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref)).item()
-        ok = rel <= 2e-2  # bf16 operands on both sides, different rounding points
         base_us = None
         for v in variants:
+            rel = _rel_err(fns[v](0).clone(), ref)
+            ok = rel <= MOE_TOL
             times = _time_graph(fns[v], n_rot)
             med, p20, p80 = _stats(times)
             if v == "cublas_bf16":
@@ -267,6 +261,14 @@ def bench_cuda_gemv(prob, copy_gbs, rows):
     n_rot = min(n_rot, prob.n_exp)
     x = torch.randn(lay.hidden, device="cuda")
     y = torch.empty(lay.inter, device="cuda")
+    # correctness first: expert 0's gate and up against our dequantize (float32) @ x, the product
+    # in float64 so that no TF32 setting can blur the reference
+    rel = 0.0
+    for off, nb in ((lay.gate_offset, lay.gate_bytes), (lay.up_offset, lay.up_bytes)):
+        raw = prob.arena[0, off:off + nb]
+        got = gpu.cuda_q4k_gemv(raw, x, lay.inter, lay.hidden, y).clone()
+        ref = gpu.dequantize(raw, Q4_K, (lay.inter, lay.hidden), torch.float32).double() @ x.double()
+        rel = max(rel, _rel_err(got, ref))
 
     def fn(r):
         a = prob.arena[r % prob.n_exp]
@@ -278,9 +280,10 @@ def bench_cuda_gemv(prob, copy_gbs, rows):
     rows.append({"name": "cuda_q4k_gemv", "shape": prob.name, "hidden": lay.hidden, "inter": lay.inter,
                  "tokens": 1, "what": "gate+up of one expert, 2 launches", "median_us": round(med, 2),
                  "p20_us": round(p20, 2), "p80_us": round(p80, 2), "gb_per_s": round(gbs, 1),
-                 "frac_of_copy_bw": round(gbs / copy_gbs, 3)})
+                 "frac_of_copy_bw": round(gbs / copy_gbs, 3), "rel_err_vs_dequant": rel,
+                 "correct": rel <= GEMV_TOL})
     print(f"  {prob.name:14s} T=    1 cuda_q4k_gemv   {med:10.1f} us  {gbs:8.1f} GB/s "
-          f"({gbs / copy_gbs:5.1%} of copy)", flush=True)
+          f"({gbs / copy_gbs:5.1%} of copy)  err {rel:.2e}", flush=True)
 
 
 def tune(prob, copy_gbs, budget_s):
@@ -330,7 +333,8 @@ def tune(prob, copy_gbs, budget_s):
     return {f"{prob.layout.hidden}x{prob.layout.inter}": entry}
 
 
-def run_gpu(args):
+def run_gpu(args, save=lambda rows, best: None):
+    """All GPU rows; save(rows, best) after copy_bw and after every shape (partial results)."""
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 0) or L2_BYTES_FALLBACK
     print(f"device {props.name}, {props.multi_processor_count} SMs, L2 {l2 / 2**20:.0f} MiB", flush=True)
@@ -339,6 +343,7 @@ def run_gpu(args):
     print(f"  copy bandwidth {copy_gbs:.0f} GB/s (read + write)", flush=True)
     rows.append({"name": "copy_bw", "shape": "2GiB", "tokens": 0, "gb_per_s": round(copy_gbs, 1),
                  "frac_of_copy_bw": 1.0, "median_us": None})
+    save(rows, None)
     shapes = args.shapes or (QUICK_SHAPES if args.quick else list(SHAPES))
     tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
@@ -351,7 +356,7 @@ def run_gpu(args):
         prob = None
         try:
             prob = Problem(name, SHAPES[name], max(tokens), gen, l2)
-            bench_problem(prob, tokens, copy_gbs, rows)
+            bench_problem(prob, tokens, copy_gbs, rows, t_end=t_end)
             bench_cuda_gemv(prob, copy_gbs, rows)
             if args.tune and best is None:
                 best = tune(prob, copy_gbs, max(30.0, t_end - time.time()) / 2)
@@ -364,6 +369,8 @@ def run_gpu(args):
         finally:
             prob = None
             torch.cuda.empty_cache()
+        # run_gpu.sh kills the script at its step timeout: the shapes done so far survive that
+        save(rows, best)
     return props.name, rows, best
 
 
@@ -422,22 +429,22 @@ def main(argv=None):
         if s not in SHAPES:
             ap.error(f"--shapes: unknown shape {s!r}; expected some of {list(SHAPES)}")
 
+    def write(device, rows, best, partial):
+        extra = {"best_configs": best} if best else {}
+        if partial:
+            extra["partial"] = True
+        write_results("triton_moe", rows, args.json, device=device, **extra)
+
     best = None
     if torch.cuda.is_available():
-        device, rows, best = run_gpu(args)
+        device, rows, best = run_gpu(args, save=lambda rows, best: write(None, rows, best, True))
     elif args.quick:
         device, rows = run_cpu_quick()
     else:
         print("triton_moe: no CUDA device; run with --quick for the CPU interpreter check")
         return 0
-    result = {"bench": "triton_moe", "device": device,
-              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "commit": _commit(), "rows": rows}
-    if best:
-        result["best_configs"] = best
+    write(device, rows, best, False)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
         print(f"wrote {args.json}")
     bad = [r for r in rows if r.get("correct") is False]
     if bad:
