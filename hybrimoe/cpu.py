@@ -95,6 +95,11 @@ def num_threads() -> int:
     return _ext().num_threads()
 
 
+def physical_cores() -> int:
+    """Physical cores available to this process (the pool's default size)."""
+    return _ext().physical_cores()
+
+
 # ------------------------------------------------------------------------------ input checks ---
 
 

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch-size", type=int, default=0, help="experts prefetched per layer (0 = off)")
     p.add_argument("--policy", choices=("mrs", "lru", "lfu", "static"), default="mrs")
     p.add_argument("--schedule", choices=("hybrid", "kt-static", "gpu-only", "cpu-only", "seed"), default="hybrid")
-    p.add_argument("--cpu-threads", type=int, default=None, help="CPU kernel threads (default: physical cores)")
+    p.add_argument("--cpu-threads", type=int, default=None, help="CPU kernel threads (default: physical cores; one less with CUDA, "
+                   "where the Python thread drives the GPU)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="threads of torch's own CPU ops (attention, norms); default 1 on a CPU device, "

@@ -46,7 +46,8 @@ class RuntimeConfig:
     """cache_size: GPU-resident experts per MoE layer; or gpu_budget: bytes shared by all layers.
     policy: mrs | lru | lfu | static. schedule: hybrid | kt-static | gpu-only | cpu-only | seed.
     prefetch_size: experts prefetched per layer (0 = off); horizon: layers looked ahead.
-    device: 'cuda' / 'cpu' / None (CUDA when available). emulate_gpu: on a host without CUDA, run
+    cpu_threads: CPU expert-kernel threads (default: the physical cores, less one on CUDA, where
+    the Python thread drives the GPU meanwhile). device: 'cuda' / 'cpu' / None (CUDA when available). emulate_gpu: on a host without CUDA, run
     the GPU side on the CPU (tests; True: CPU kernels, "triton": the Triton kernels in the
     interpreter; see module docstring). costs: path of a cost-model JSON or
     None to calibrate at start-up (cached per machine and shapes in cache_dir)."""
@@ -180,6 +181,10 @@ class HybridRuntime:
         self.cpu = _cpu_module()
         if self.cpu is not None and cfg.cpu_threads:
             self.cpu.set_num_threads(int(cfg.cpu_threads))
+        elif self.cpu is not None and self.gpu_real:
+            # the Python thread drives the GPU (routing copies, plans, launches, copies) while the
+            # CPU experts run: leave it a core, or the OS time-slices it against the pool
+            self.cpu.set_num_threads(max(1, self.cpu.physical_cores() - 1))
         n = len(self.moe_layers)
         layouts = [store.layout(layer) for layer in self.moe_layers]
         if cfg.gpu_budget is not None and cfg.cache_size is not None:

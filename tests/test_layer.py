@@ -227,3 +227,22 @@ def test_lookahead_rides_in_the_routing_copy(tiny, tmp_path, policy):
             assert la_np is None
         else:
             assert la_np is not None and np.array_equal(la_np, want.numpy()), i
+
+
+def test_cpu_threads_default_leaves_the_gpu_driver_a_core(tiny, tmp_path, monkeypatch):
+    """On CUDA the Python thread launches GPU work while the CPU experts run: the pool defaults to
+    one thread less than the physical cores; an explicit cpu_threads wins; no GPU: all cores."""
+    from hybrimoe import cpu
+
+    m, store = tiny
+    before = cpu.num_threads()
+    try:
+        HybridRuntime(store, RuntimeConfig(device="cpu", cache_dir=str(tmp_path)))
+        assert cpu.num_threads() == before
+        HybridRuntime(store, RuntimeConfig(device="cpu", cpu_threads=1, cache_dir=str(tmp_path)))
+        assert cpu.num_threads() == 1
+        if torch.cuda.is_available():
+            HybridRuntime(store, RuntimeConfig(device="cuda", cache_size=2, cache_dir=str(tmp_path)))
+            assert cpu.num_threads() == max(1, cpu.physical_cores() - 1)
+    finally:
+        cpu.set_num_threads(before)
