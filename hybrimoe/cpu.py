@@ -187,7 +187,7 @@ def _vector(v, name: str, kind: str):
             else:
                 raise KernelInputError(_fmt(name, "has the wrong dtype", "int32 or int64", a.dtype))
         return np.ascontiguousarray(a)
-    if not (np.issubdtype(a.dtype, np.floating) or a.size == 0):
+    if a.dtype != np.float32 and not (np.issubdtype(a.dtype, np.floating) or a.size == 0):
         raise KernelInputError(_fmt(name, "has the wrong dtype", "float", a.dtype))
     return np.ascontiguousarray(a, dtype=np.float32)
 
@@ -294,7 +294,7 @@ def _moe_prepare(x, experts, token_ids, weights, out):
         raise KernelInputError(
             _fmt("token_ids/weights", "need one entry per expert", E, f"{len(token_ids)} / {len(weights)}")
         )
-    desc = np.zeros((E, _DESC_COLS), dtype=np.int64)
+    rows = []  # one descriptor row per expert; one array at the end (row-wise numpy stores cost more)
     keep: list[Any] = [xh]
     for e, (ex, tok, wt) in enumerate(zip(experts, token_ids, weights)):
         if not isinstance(ex, PreparedExpert):
@@ -308,8 +308,9 @@ def _moe_prepare(x, experts, token_ids, weights, out):
         w = _vector(wt, f"weights[{e}]", "float")
         if w.shape != tk.shape:
             raise KernelInputError(_fmt(f"weights[{e}]", "must have one weight per token id", tk.shape, w.shape))
-        desc[e] = (*ex.ptrs, _ptr(tk), tk.size, tk.dtype == np.int64, _ptr(w))
+        rows.append((*ex.ptrs, _ptr(tk), tk.size, tk.dtype == np.int64, _ptr(w)))
         keep += [ex, tk, w]
+    desc = np.array(rows, dtype=np.int64).reshape(E, _DESC_COLS)
     oh, op = _out(out, was_torch, (T, H))
     return (xp, bf16, T, H, op, desc), oh, keep
 
