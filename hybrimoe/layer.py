@@ -237,8 +237,10 @@ class HybridRuntime:
 
     def close(self) -> None:
         """Finish the copies in flight and drop queued prefetches; call before dropping a runtime
-        whose slot arenas another one will reuse (the copy streams may still be writing them)."""
+        whose slot arenas another one will reuse (the copy streams may still be writing them).
+        Final: the cache still lists the dropped prefetches as resident, so later calls raise."""
         self.transfers.close()
+        self.closed = True
 
     def set_costs(self, costs: CostModel) -> None:
         """Replace the cost model (e.g. a hand-given or loaded one) for the scheduler and prefetcher."""
@@ -285,6 +287,13 @@ class HybridRuntime:
         """Zeroed pinned (T, H) float32 buffer for the CPU experts' output on CUDA: moe_end copies it
         to the device without a host sync. One buffer (grown by doubling) serves every layer; before
         it is rewritten, the last copy out of it must have finished (an event, normally long done)."""
+        job = getattr(self, "_cpu_out_job", None)
+        if job is not None:  # a layer call that raised before moe_end may have left its job running
+            self._cpu_out_job = None
+            try:
+                job.wait()
+            except Exception:  # noqa: BLE001 - that call already failed; its job's error goes with it
+                pass
         buf = getattr(self, "_cpu_out_buf", None)
         if buf is None or buf.shape[0] < T:
             if buf is not None:
@@ -457,6 +466,8 @@ class HybridRuntime:
         """First half of `moe`: plan, issue loads, submit the CPU part, launch the GPU part and
         the prefetches; returns at once. Work the caller queues before `moe_end` (the shared
         expert's launches) overlaps the CPU experts."""
+        if getattr(self, "closed", False):
+            raise HybrimoeError("this HybridRuntime was closed (close() is final); build a new one")
         t_start = time.perf_counter()
         i = self.index[layer]
         st = self.stats[layer]
@@ -518,6 +529,8 @@ class HybridRuntime:
         st.plan_s += t_cpu0 - t_routed
         fut = self._ffn_submit(x_host, ws_cpu, toks, wts,
                                out=self._cpu_out(T_, H) if self.gpu_real and cpu_list else None)
+        if self.gpu_real and cpu_list:
+            self._cpu_out_job = fut
         st.on_cpu += len(cpu_list)
         st.tokens_cpu += int(sum(len(t) for t in toks))
         # GPU part
@@ -566,6 +579,8 @@ class HybridRuntime:
         st = self.stats[layer]
         T_, H = x.shape
         y_cpu = pend.fut.wait()
+        if getattr(self, "_cpu_out_job", None) is pend.fut:
+            self._cpu_out_job = None
         t_cpu0, t_gpu0, t_gpu1, t_start = pend.t_cpu0, pend.t_gpu0, pend.t_gpu1, pend.t_start
         t_cpu1 = time.perf_counter()
         st.cpu_s += t_cpu1 - t_cpu0

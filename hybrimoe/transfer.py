@@ -215,8 +215,13 @@ def clear_cuda_error() -> None:
 
 
 def _unregister(ptr: int) -> None:
+    """Undo host_zeros' registration (its memory is freed right after): copies still reading it
+    must finish first."""
     try:
-        torch.cuda.cudart().cudaHostUnregister(ptr)
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        if int(torch.cuda.cudart().cudaHostUnregister(ptr)) != 0:
+            clear_cuda_error()
     except Exception:  # interpreter shutdown: CUDA may be gone already
         pass
 

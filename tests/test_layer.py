@@ -13,6 +13,7 @@ from hybrimoe.errors import HybrimoeError
 from hybrimoe.layer import HybridMoELayer, HybridRuntime, RuntimeConfig
 from hybrimoe.reference import RoutingConfig, expert_ffn, moe_forward
 from hybrimoe.scheduler import MODES
+from hybrimoe.store import ExpertStore
 
 # fp32 reference vs kernels that quantize activations to 8 bits (CPU tiers) or not (reference
 # fallback): relative error of the whole output, ||y - ref|| / ||ref||.
@@ -167,7 +168,10 @@ def test_cuda_runtime_matches_reference(tiny, tmp_path, mode):
     for the GPU share and the CPU kernels concurrently for the rest."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    m, store = tiny
+    m, _ = tiny
+    store = ExpertStore(m)
+    store.pack(pin=True)  # page-locked in place (transfer.host_zeros), as a CUDA run packs it
+    assert store.pinned and store.arena_tensor(store.layers[0]).is_pinned()
     rt = HybridRuntime(store, RuntimeConfig(cache_size=3, schedule=mode, device="cuda", prefetch_size=2,
                                             cache_dir=str(tmp_path)))
     layers = {layer: HybridMoELayer(rt, layer, torch.from_numpy(m.dequant(f"blk.{layer}.ffn_gate_inp.weight")).cuda(),
@@ -181,6 +185,9 @@ def test_cuda_runtime_matches_reference(tiny, tmp_path, mode):
     assert s["pairs_gpu"] + s["pairs_cpu"] == 66 * m.config.top_k * len(store.layers)
     if mode in ("hybrid", "gpu-only", "kt-static"):
         assert s["experts_gpu"] > 0
+    rt.close()
+    with pytest.raises(HybrimoeError, match="closed"):
+        layers[store.layers[0]](torch.randn(1, m.config.hidden).cuda())
 
 
 def test_start_up_calibration_reads_cold_experts_and_splits_the_job_overhead(tiny, tmp_path):
@@ -246,3 +253,18 @@ def test_cpu_threads_default_leaves_the_gpu_driver_a_core(tiny, tmp_path, monkey
             assert cpu.num_threads() == max(1, cpu.physical_cores() - 1)
     finally:
         cpu.set_num_threads(before)
+
+
+def test_close_is_final(tiny, tmp_path):
+    m, store = tiny
+    rt = HybridRuntime(store, RuntimeConfig(cache_size=2, emulate_gpu=True, device="cpu", prefetch_size=2,
+                                            cache_dir=str(tmp_path)))
+    rt.set_costs(_costs(store))
+    layers = _layers(m, store, rt)
+    layer = store.layers[0]
+    x = torch.randn(2, m.config.hidden)
+    assert _rel(layers[layer](x), _reference(m, store, layer, x)) < REL_TOL
+    rt.close()
+    assert rt.transfers.pending_bytes() == 0
+    with pytest.raises(HybrimoeError, match="closed"):
+        layers[layer](x)
