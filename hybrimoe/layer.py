@@ -47,10 +47,11 @@ class RuntimeConfig:
     policy: mrs | lru | lfu | static. schedule: hybrid | kt-static | gpu-only | cpu-only | seed.
     prefetch_size: experts prefetched per layer (0 = off); horizon: layers looked ahead.
     cpu_threads: CPU expert-kernel threads (default: the physical cores, less one on CUDA, where
-    the Python thread drives the GPU meanwhile). device: 'cuda' / 'cpu' / None (CUDA when available). emulate_gpu: on a host without CUDA, run
-    the GPU side on the CPU (tests; True: CPU kernels, "triton": the Triton kernels in the
-    interpreter; see module docstring). costs: path of a cost-model JSON or
-    None to calibrate at start-up (cached per machine and shapes in cache_dir)."""
+    the Python thread drives the GPU meanwhile). device: 'cuda' / 'cpu' / None (CUDA when
+    available). emulate_gpu: on a host without CUDA, run the GPU side on the CPU (tests; True: CPU
+    kernels, "triton": the Triton kernels in the interpreter; see module docstring). costs: path
+    of a cost-model JSON or None to calibrate at start-up (cached per machine and shapes in
+    cache_dir)."""
 
     cache_size: int | None = None
     gpu_budget: int | None = None
@@ -234,6 +235,12 @@ class HybridRuntime:
         # Benchmarks only: route_override(layer, x) -> (ids, weights, probs) or None replaces the
         # router's choice (routing replayed from a real trace); kernels, cache and transfers run as usual.
         self.route_override = None
+        # CUDA: pinned buffer of the CPU experts' output, the event of its last copy to the device,
+        # and the CPU job writing into it (see _cpu_out)
+        self._cpu_out_buf: torch.Tensor | None = None
+        self._cpu_out_read = None
+        self._cpu_out_job = None
+        self.closed = False
 
     def close(self) -> None:
         """Finish the copies in flight and drop queued prefetches; call before dropping a runtime
@@ -287,14 +294,14 @@ class HybridRuntime:
         """Zeroed pinned (T, H) float32 buffer for the CPU experts' output on CUDA: moe_end copies it
         to the device without a host sync. One buffer (grown by doubling) serves every layer; before
         it is rewritten, the last copy out of it must have finished (an event, normally long done)."""
-        job = getattr(self, "_cpu_out_job", None)
+        job = self._cpu_out_job
         if job is not None:  # a layer call that raised before moe_end may have left its job running
             self._cpu_out_job = None
             try:
                 job.wait()
             except Exception:  # noqa: BLE001 - that call already failed; its job's error goes with it
                 pass
-        buf = getattr(self, "_cpu_out_buf", None)
+        buf = self._cpu_out_buf
         if buf is None or buf.shape[0] < T:
             if buf is not None:
                 self._cpu_out_read.synchronize()
@@ -466,7 +473,7 @@ class HybridRuntime:
         """First half of `moe`: plan, issue loads, submit the CPU part, launch the GPU part and
         the prefetches; returns at once. Work the caller queues before `moe_end` (the shared
         expert's launches) overlaps the CPU experts."""
-        if getattr(self, "closed", False):
+        if self.closed:
             raise HybrimoeError("this HybridRuntime was closed (close() is final); build a new one")
         t_start = time.perf_counter()
         i = self.index[layer]
@@ -579,7 +586,7 @@ class HybridRuntime:
         st = self.stats[layer]
         T_, H = x.shape
         y_cpu = pend.fut.wait()
-        if getattr(self, "_cpu_out_job", None) is pend.fut:
+        if self._cpu_out_job is pend.fut:
             self._cpu_out_job = None
         t_cpu0, t_gpu0, t_gpu1, t_start = pend.t_cpu0, pend.t_gpu0, pend.t_gpu1, pend.t_start
         t_cpu1 = time.perf_counter()
