@@ -469,10 +469,13 @@ class HybridRuntime:
         """Routed-expert output (T, H) float32 on x's device, for routing (ids, w) of x (T, H)."""
         return self.moe_end(self.moe_begin(layer, x, ids, w, probs))
 
-    def moe_begin(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, probs: torch.Tensor):
+    def moe_begin(self, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, probs: torch.Tensor,
+                  extra=None):
         """First half of `moe`: plan, issue loads, submit the CPU part, launch the GPU part and
         the prefetches; returns at once. Work the caller queues before `moe_end` (the shared
-        expert's launches) overlaps the CPU experts."""
+        expert's launches) overlaps the CPU experts. extra: optional (PreparedExpert, weights (T,)
+        float32) applied to every token in the same CPU job (a shared expert kept as GGUF blocks
+        on a host without CUDA), its output added to the layer's."""
         if self.closed:
             raise HybrimoeError("this HybridRuntime was closed (close() is final); build a new one")
         t_start = time.perf_counter()
@@ -532,14 +535,21 @@ class HybridRuntime:
             toks.append(tok)
             wts.append(wt)
             ws_cpu.append(self._host_weights(layer, e))
+        st.on_cpu += len(cpu_list)
+        st.tokens_cpu += int(sum(len(t) for t in toks))
+        if extra is not None:  # in the same job, after the routed experts' statistics
+            if self.gpu_real:
+                raise HybrimoeError("moe_begin(extra=...) is for a host without CUDA (there the shared "
+                                    "expert runs on the GPU)")
+            ws_cpu.append(extra[0])
+            toks.append(np.arange(T_, dtype=np.int64))
+            wts.append(np.ascontiguousarray(extra[1], dtype=np.float32).reshape(T_))
         t_cpu0 = time.perf_counter()
         st.plan_s += t_cpu0 - t_routed
         fut = self._ffn_submit(x_host, ws_cpu, toks, wts,
                                out=self._cpu_out(T_, H) if self.gpu_real and cpu_list else None)
         if self.gpu_real and cpu_list:
             self._cpu_out_job = fut
-        st.on_cpu += len(cpu_list)
-        st.tokens_cpu += int(sum(len(t) for t in toks))
         # GPU part
         t_gpu0 = time.perf_counter()
         y = None
@@ -754,12 +764,40 @@ class HybridMoELayer(nn.Module):
         self.shared_gate = None if shared_gate is None else nn.Parameter(shared_gate.detach().float().reshape(1, -1),
                                                                          requires_grad=False)
         runtime.register_router(layer, self.router_weight, routing)
+        self._shared_blocks = self._fusable_shared(shared)
+
+    def _fusable_shared(self, shared):
+        """The shared expert as a CPU-kernel expert (PreparedExpert) when it can join the routed
+        experts' CPU job: no CUDA, its three projections kept as GGUF blocks (QuantLinear, no bias,
+        expert types) and a SiLU gate. Then one native call computes routed + shared experts: no
+        three separate matmul jobs, no pool round trips between them. Else None."""
+        from .qlinear import QuantLinear
+
+        rt = self.runtime
+        if shared is None or rt.gpu_real or rt.cpu is None:
+            return None
+        projs = [getattr(shared, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if not all(isinstance(p, QuantLinear) and p.bias is None for p in projs):
+            return None
+        act = getattr(shared, "act_fn", None)
+        if not (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"):  # transformers' own
+            return None
+        try:
+            return rt.cpu.PreparedExpert(*(p.qt for p in projs), name=f"layer {self.layer} shared expert")
+        except Exception:  # noqa: BLE001 - a type or shape the fused kernel does not take: run it apart
+            return None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         r = None if self.runtime.route_override is None else self.runtime.route_override(self.layer, x)
         ids, w, probs = r if r is not None else reference.route(x, self.router_weight, self.routing)
+        if self._shared_blocks is not None:  # the shared expert rides in the CPU experts' job
+            sw = (torch.sigmoid(x.float() @ self.shared_gate.T).reshape(-1) if self.shared_gate is not None
+                  else torch.ones(x.shape[0]))
+            pend = self.runtime.moe_begin(self.layer, x, ids, w, probs,
+                                          extra=(self._shared_blocks, sw.detach().numpy()))
+            return self.runtime.moe_end(pend).to(hidden.dtype).reshape(shape)
         pend = self.runtime.moe_begin(self.layer, x, ids, w, probs)
         s = None
         if self.shared is not None:  # queued while the CPU experts run (on CUDA: async launches)

@@ -149,3 +149,39 @@ def test_sampling_top_k_top_p_and_seed():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="top_p"):
         generate.next_token(logits, 1.0, top_p=0)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2moe"])
+def test_shared_expert_rides_in_the_cpu_job(preset, tmp_path):
+    """On a CPU with the dense weights kept as GGUF blocks, the shared expert joins the routed
+    experts' native call (weight 1, or qwen2moe's per-token sigmoid gate); the layer still equals
+    the float reference MoE block, as it does with the shared expert run apart."""
+    from hybrimoe.layer import HybridMoELayer
+    from hybrimoe.reference import RoutingConfig, moe_forward
+
+    path = synth.write_gguf(synth.PRESETS[preset], tmp_path / f"{preset}.gguf")
+    gm = GGUFModel(path)
+    store = ExpertStore(gm)
+    rt = HybridRuntime(store, RuntimeConfig(device="cpu", cache_dir=str(tmp_path)))
+    model, _, _ = load_gguf_model(gm, progress=False, store=store, moe_factory=hybrid_factory(rt), dense="quant")
+    rc = RoutingConfig.from_moe_config(gm.config)
+    mods = [m for m in model.modules() if isinstance(m, HybridMoELayer)]
+    assert mods and all(m._shared_blocks is not None for m in mods)
+    gate_key = "ffn_gate_inp_shexp" if preset == "tiny-qwen2moe" else None
+    for mod in mods:
+        L = mod.layer
+        x = torch.randn(5, gm.config.hidden)
+        experts = {e: tuple(torch.from_numpy(a) for a in store.dequant_expert(L, e)) for e in range(gm.config.n_experts)}
+        shared = tuple(torch.from_numpy(gm.dequant(f"blk.{L}.ffn_{w}_shexp.weight")) for w in ("gate", "up", "down"))
+        sg = torch.from_numpy(gm.dequant(f"blk.{L}.{gate_key}.weight")) if gate_key else None
+        ref, *_ = moe_forward(x, mod.router_weight, experts, rc, shared, sg)
+        before = rt.stats[L].on_cpu
+        fused = mod(x)
+        assert rt.stats[L].on_cpu - before == len(torch.unique(torch.topk(x @ mod.router_weight.T, rc.top_k).indices))
+        blocks, mod._shared_blocks = mod._shared_blocks, None
+        apart = mod(x)  # the shared expert's own three QuantLinear calls
+        mod._shared_blocks = blocks
+        for y in (fused, apart):
+            assert float((y - ref).norm() / ref.norm()) < 2e-2, L  # 8-bit activations (test_layer.REL_TOL)
+    dq, _, _ = load_gguf_model(gm, progress=False, store=store, moe_factory=hybrid_factory(rt), dense="dequant")
+    assert all(m._shared_blocks is None for m in dq.modules() if isinstance(m, HybridMoELayer))
