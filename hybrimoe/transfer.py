@@ -230,8 +230,8 @@ def host_zeros(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
     """Zeroed uint8 host tensor; pin=True page-locks it for DMA.
 
     Pinned memory is registered in place (cudaHostRegister on a numpy allocation), not taken from
-    torch's pinned-memory allocator, which rounds every request up to a power of two: a 333 MB
-    DSv2-Lite layer arena would hold 512 MB of page-locked memory, ~1.5x the model's experts in all.
+    torch's pinned-memory allocator, which rounds every request up to a power of two: a 367 MB
+    DSv2-Lite layer arena would hold 512 MB of page-locked memory, ~1.4x the model's experts in all.
     The registration is undone when the last view of the memory is gone. If registering fails
     (e.g. a sandbox without it), torch's allocator is used instead."""
     if not pin:
