@@ -546,9 +546,9 @@ class HybridRuntime:
             wts.append(np.ascontiguousarray(extra[1], dtype=np.float32).reshape(T_))
         t_cpu0 = time.perf_counter()
         st.plan_s += t_cpu0 - t_routed
-        fut = self._ffn_submit(x_host, ws_cpu, toks, wts,
-                               out=self._cpu_out(T_, H) if self.gpu_real and cpu_list else None)
-        if self.gpu_real and cpu_list:
+        out = self._cpu_out(T_, H) if self.gpu_real and cpu_list else None
+        fut = self._ffn_submit(x_host, ws_cpu, toks, wts, out=out)
+        if out is not None:
             self._cpu_out_job = fut
         # GPU part
         t_gpu0 = time.perf_counter()
@@ -792,18 +792,17 @@ class HybridMoELayer(nn.Module):
         x = hidden.reshape(-1, shape[-1])
         r = None if self.runtime.route_override is None else self.runtime.route_override(self.layer, x)
         ids, w, probs = r if r is not None else reference.route(x, self.router_weight, self.routing)
+        gate = None if self.shared_gate is None else torch.sigmoid(x.float() @ self.shared_gate.T)  # (T, 1)
+        extra = None
         if self._shared_blocks is not None:  # the shared expert rides in the CPU experts' job
-            sw = (torch.sigmoid(x.float() @ self.shared_gate.T).reshape(-1) if self.shared_gate is not None
-                  else torch.ones(x.shape[0]))
-            pend = self.runtime.moe_begin(self.layer, x, ids, w, probs,
-                                          extra=(self._shared_blocks, sw.detach().numpy()))
-            return self.runtime.moe_end(pend).to(hidden.dtype).reshape(shape)
-        pend = self.runtime.moe_begin(self.layer, x, ids, w, probs)
+            sw = gate.reshape(-1) if gate is not None else torch.ones(x.shape[0])
+            extra = (self._shared_blocks, sw.detach().numpy())
+        pend = self.runtime.moe_begin(self.layer, x, ids, w, probs, extra=extra)
         s = None
-        if self.shared is not None:  # queued while the CPU experts run (on CUDA: async launches)
+        if self.shared is not None and extra is None:  # queued while the CPU experts run (CUDA: async)
             s = self.shared(x).float()
-            if self.shared_gate is not None:
-                s = s * torch.sigmoid(x.float() @ self.shared_gate.T)
+            if gate is not None:
+                s = s * gate
         y = self.runtime.moe_end(pend)
         if s is not None:
             y = y + s

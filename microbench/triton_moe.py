@@ -405,7 +405,7 @@ def run_cpu_quick():
             t0 = time.perf_counter()
             ref = gpu.moe_forward_ref(x, ids, wts, slot, arena, lay)
             times.append((time.perf_counter() - t0) * 1e6)
-        rel = (torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref)).item()
+        rel = _rel_err(got, ref)
         med, p20, p80 = _stats(times)
         rows.append({"name": "reference_cpu", "shape": "tiny_256x256", "tokens": t,
                      "median_us": round(med, 1), "p20_us": round(p20, 1), "p80_us": round(p80, 1),
