@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(CPU only), 'dequant' makes float tensors on --device; auto: quant on a CPU device")
     p.add_argument("--timeline", default=None, help="write a Chrome trace (Perfetto) of CPU/GPU/PCIe lanes")
     p.add_argument("--plot", default=None, help="write a PNG of one decode step's lanes")
-    p.add_argument("--costs", default=None, help="cost-model JSON (default: calibrate at start-up, cached)")
+    p.add_argument("--costs", default=None, help="cost-model JSON, or paper-a6000 (the HybriMoE paper's testbed; datasheet numbers) (default: calibrate at start-up, cached)")
     p.add_argument("--trace-out", default=None, help="record the routing of this run (hybrimoe.traces format)")
     p.add_argument("--json", default=None, help="write the summary as JSON here")
     return p

@@ -32,6 +32,7 @@ from torch import nn
 from . import reference
 from .cache import ExpertCache
 from .costs import CostModel, calibrate, l3_bytes, load_or_calibrate
+from .costs import resolve as resolve_costs
 from .errors import HybrimoeError, ModelConfigError
 from .formats import QuantTensor
 from .prefetch import Prediction, Prefetcher, idle_budget
@@ -51,7 +52,7 @@ class RuntimeConfig:
     available). emulate_gpu: on a host without CUDA, run the GPU side on the CPU (tests; True: CPU
     kernels, "triton": the Triton kernels in the interpreter; see module docstring). costs: path
     of a cost-model JSON or None to calibrate at start-up (cached per machine and shapes in
-    cache_dir)."""
+    cache_dir), or "paper-a6000[:model]" for the paper's testbed (datasheet numbers)."""
 
     cache_size: int | None = None
     gpu_budget: int | None = None
@@ -344,8 +345,8 @@ class HybridRuntime:
     # -------------------------------------------------------------------------- costs
     def _costs(self) -> CostModel:
         cfg = self.config
-        if cfg.costs:
-            return CostModel.from_json(cfg.costs)
+        if cfg.costs:  # a calibration file, or 'paper-a6000[:model]' (the paper's testbed, datasheet numbers)
+            return resolve_costs(cfg.costs, "mixtral" if self.n_experts == 8 else "deepseek-v2-lite")
         lay = self.layouts[0]
         layer0 = self.moe_layers[0]
         H = lay.hidden
