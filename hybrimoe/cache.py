@@ -73,6 +73,12 @@ def top_p_mean(scores: np.ndarray, p: int) -> np.ndarray:
     T, E = scores.shape
     if p >= E:
         return scores.mean(axis=0, dtype=np.float64)
+    if T == 1:  # decode: plain indexing (take_along_axis costs ~10 us of index building)
+        row = scores[0]
+        idx = np.argpartition(-row, p - 1)[:p]
+        out = np.zeros(E)
+        out[idx] = row[idx]
+        return out
     idx = np.argpartition(-scores, p - 1, axis=1)[:, :p]
     vals = np.take_along_axis(scores, idx, axis=1)
     return np.bincount(idx.ravel(), weights=vals.ravel(), minlength=E) / T

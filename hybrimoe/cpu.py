@@ -171,8 +171,15 @@ def _weight(qt, name: str, rows: int | None, cols: int | None):
     return d, _ptr(d), qtype, (r, c)
 
 
+_INT_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+_F32 = np.dtype(np.float32)
+
+
 def _vector(v, name: str, kind: str):
     """1-D token ids (kind 'int': int32/int64 kept) or routing weights (kind 'float': -> float32)."""
+    if type(v) is np.ndarray and v.ndim == 1 and v.flags.c_contiguous and (
+            v.dtype in _INT_DTYPES if kind == "int" else v.dtype == _F32):
+        return v  # already what the kernels take (the runtime's own lists): no checks to run
     if _is_torch(v):
         if v.device.type != "cpu":
             raise KernelInputError(_fmt(name, "must be on the CPU", "cpu", v.device))

@@ -103,8 +103,12 @@ class _PairIndex:
         self.order = np.argsort(ids.ravel(), kind="stable")  # pair index t*k + j, grouped by expert
         self.w = np.ascontiguousarray(w, np.float32).ravel()
         self.k = k
-        ends = np.cumsum(counts)
-        self.span = {int(e): (int(b - c), int(b)) for e, b, c in zip(experts, ends, counts)}
+        ends = np.cumsum(counts).tolist()
+        self.span = {e: (b - c, b) for e, b, c in zip(experts.tolist(), ends, counts.tolist())}
+
+    def count(self, e: int) -> int:
+        a, b = self.span[int(e)]
+        return b - a
 
     def of(self, e: int):
         a, b = self.span[int(e)]
@@ -556,7 +560,7 @@ class HybridRuntime:
         y = None
         if slot_of:
             st.on_gpu += len(slot_of)
-            st.tokens_gpu += int(sum(counts[np.searchsorted(experts, e)] for e in slot_of))
+            st.tokens_gpu += sum(pairs.count(e) for e in slot_of)
             if self.gpu_triton:
                 from . import gpu
 
@@ -660,14 +664,14 @@ class HybridRuntime:
         """Predictions of the look-ahead layers from their top-k ids (T, n*k) on the host."""
         js, _ = self._lookahead(i)
         pred_ids = la_np.reshape(la_np.shape[0], len(js), self.top_k)
+        # confidence = this run's measured recall of predictions made d+1 layers ahead (0.5 until
+        # there is a measurement): the prefetcher weighs each candidate's gain by it
+        acc = self.prefetcher.accuracy()
         preds = {}
         for d, j in enumerate(js):
             c = np.bincount(pred_ids[:, d].ravel(), minlength=self.n_experts)
             e = np.flatnonzero(c)
-            # confidence = this run's measured recall of predictions made d+1 layers ahead (0.5 until
-            # there is a measurement): the prefetcher weighs each candidate's gain by it
-            prob = self.prefetcher.accuracy().get(d + 1, 0.5)
-            preds[j] = Prediction(e, c[e], np.full(len(e), prob))
+            preds[j] = Prediction(e, c[e], np.full(len(e), acc.get(d + 1, 0.5)))
         return preds
 
     def _prefetch(self, i: int, la_np: np.ndarray | None, p) -> None:

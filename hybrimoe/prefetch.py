@@ -26,7 +26,7 @@ from typing import Mapping
 import numpy as np
 
 from .costs import CostModel
-from .scheduler import CacheView, plan
+from .scheduler import makespan
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,22 @@ class Prefetcher:
         self.pred_hits = np.zeros(horizon + 1, np.int64)  # per distance d: predicted & used
         self.pred_total = np.zeros(horizon + 1, np.int64)  # per distance d: actually used
         self.issued = 0
+        self._memo: dict[tuple, float] = {}  # (layer or 0, resident counts, other counts) -> makespan
+        self._memo_costs, self._memo_mode = None, None  # what the memo was filled under
+
+    def _makespan(self, layer: int, resident: list[int], other: list[int]) -> float:
+        """scheduler.makespan, memoised: at decode every count is 1, so the same few (resident,
+        other) splits recur at every layer and step."""
+        if self._memo_costs is not self.costs or self._memo_mode != self.mode:
+            self._memo.clear()
+            self._memo_costs, self._memo_mode = self.costs, self.mode
+        key = (layer if len(self.costs.layers) > 1 else 0, tuple(sorted(resident)), tuple(sorted(other)))
+        t = self._memo.get(key)
+        if t is None:
+            if len(self._memo) >= 4096:
+                self._memo.clear()
+            t = self._memo[key] = makespan(layer, resident, other, self.costs, self.mode)
+        return t
 
     def choose(self, layer: int, predictions: Mapping[int, Prediction], cache, *,
                idle_before: Mapping[int, float]) -> list[PrefetchOrder]:
@@ -91,22 +107,35 @@ class Prefetcher:
                 self._last_pred[(tl, d)] = {int(e) for e in p.experts}
         if self.prefetch_size <= 0:
             return []
-        chosen: dict[int, list[int]] = {}
         used = 0.0
+        # per target layer: token counts of its predicted experts that are resident / not, and the
+        # candidates (predicted, not resident, admissible) as (layer, expert, prob, count)
+        hits: dict[int, list[int]] = {}
+        rest: dict[int, list[int]] = {}
         cands = []
         for tl, p in predictions.items():
             if not 1 <= tl - layer <= self.horizon or idle_before.get(tl, 0.0) < self.costs.transfer_time(tl):
-                continue
-            for e, pr, n in zip(p.experts, p.prob, p.counts):
-                e = int(e)
-                if pr > 0 and not cache.contains(tl, e) and cache.can_admit(tl, e, protect=p.experts):
-                    cands.append((tl, e, float(pr), int(n)))
+                continue  # no prefetch for it fits in the link's idle time
+            h, r = hits[tl], rest[tl] = [], []
+            layer_cands = []
+            for e, pr, n in zip(np.asarray(p.experts).tolist(), np.asarray(p.prob).tolist(),
+                                np.asarray(p.counts).tolist()):
+                if cache.contains(tl, e):
+                    h.append(n)
+                else:
+                    r.append(n)
+                    if pr > 0:
+                        layer_cands.append((tl, e, pr, n))
+            # admit() would place any of them iff the pool has a free slot or an evictable expert;
+            # the protected set (this layer's predicted experts) is the same for all
+            if layer_cands and cache.can_admit(tl, layer_cands[0][1], protect=p.experts):
+                cands += layer_cands
         out: list[PrefetchOrder] = []
         base: dict[int, float] = {}  # target layer -> makespan with the experts chosen so far
         # (layer, token count) -> seconds saved by making one more expert with that count resident.
         # A plan's makespan depends on the experts only through their token counts and residency
-        # (ids merely break ties between equal counts), so candidates of one layer with equal counts
-        # save the same time: one pair of plans per distinct count, redone only when the layer gets a pick.
+        # (scheduler.makespan), so candidates of one layer with equal counts save the same time:
+        # one pair of evaluations per distinct count, redone only when the layer gets a pick.
         saved: dict[tuple[int, int], float] = {}
         while cands and len(out) < self.prefetch_size:
             # a candidate whose transfer no longer fits before its layer never will (`used` only grows)
@@ -115,13 +144,11 @@ class Prefetcher:
             for tl, e, pr, n in cands:
                 d = saved.get((tl, n))
                 if d is None:
-                    p = predictions[tl]
                     if tl not in base:
-                        base[tl] = plan(tl, p.experts, p.counts, CacheView(cache, tl, chosen.get(tl, ())),
-                                        self.costs, self.mode).makespan
-                    with_e = plan(tl, p.experts, p.counts, CacheView(cache, tl, chosen.get(tl, []) + [e]),
-                                  self.costs, self.mode).makespan
-                    d = saved[(tl, n)] = base[tl] - with_e
+                        base[tl] = self._makespan(tl, hits[tl], rest[tl])
+                    r = list(rest[tl])
+                    r.remove(n)
+                    d = saved[(tl, n)] = base[tl] - self._makespan(tl, hits[tl] + [n], r)
                 g = pr * d
                 if best is None or g > best[0]:
                     best = (g, tl, e, pr, n)
@@ -133,7 +160,8 @@ class Prefetcher:
             tr = self.costs.transfer_time(tl)
             cands.remove((tl, e, pr, n))
             used += tr  # the link is FIFO: every earlier pick goes before this one
-            chosen.setdefault(tl, []).append(e)
+            hits[tl].append(n)
+            rest[tl].remove(n)
             base.pop(tl, None)  # this layer's other gains change with the pick; other layers' do not
             saved = {k: v for k, v in saved.items() if k[0] != tl}
             out.append(PrefetchOrder(tl, e, g, tr))

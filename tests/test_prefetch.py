@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,8 @@ def test_choose_equals_brute_force_replanning(mode):
     its picks and gains must equal re-planning everything every round."""
     rng = np.random.default_rng(7)
     costs = CostModel.paper_a6000()
+    lc = costs.layers[0]
+    slower_cpu = CostModel((dataclasses.replace(lc, cpu_s=tuple(3 * t for t in lc.cpu_s)),), "3x cpu")
     for trial in range(40):
         cache = ExpertCache(5, 16, capacity=int(rng.integers(1, 8)), policy="lru")
         preds = {}
@@ -159,7 +162,11 @@ def test_choose_equals_brute_force_replanning(mode):
             preds[tl] = Prediction(e, counts, rng.choice([0.25, 0.5, 1.0], n))
         idle = {tl: float(rng.uniform(0, 5)) * costs.transfer_time(tl) for tl in preds}
         pf = Prefetcher(costs, prefetch_size=int(rng.integers(1, 6)), mode=mode)
-        got = [(o.layer, o.expert, o.gain) for o in pf.choose(0, preds, cache, idle_before=idle)]
-        want = _choose_brute_force(pf, 0, preds, cache, idle)
-        assert [g[:2] for g in got] == [w[:2] for w in want], (trial, got, want)
-        assert [g[2] for g in got] == pytest.approx([w[2] for w in want], rel=1e-12, abs=1e-15)
+        # twice: the second call reads the makespan memo the first filled; then under another cost
+        # model, which must not read what the first one left there
+        for cm in (costs, costs, slower_cpu):
+            pf.costs = cm
+            got = [(o.layer, o.expert, o.gain) for o in pf.choose(0, preds, cache, idle_before=idle)]
+            want = _choose_brute_force(pf, 0, preds, cache, idle)
+            assert [g[:2] for g in got] == [w[:2] for w in want], (trial, got, want)
+            assert [g[2] for g in got] == pytest.approx([w[2] for w in want], rel=1e-12, abs=1e-15)

@@ -8,7 +8,7 @@ import pytest
 
 from hybrimoe.cache import ExpertCache
 from hybrimoe.costs import CostModel, LayerCost
-from hybrimoe.scheduler import MODES, CacheView, ScheduleError, plan, timeline
+from hybrimoe.scheduler import MODES, CacheView, ScheduleError, makespan, plan, timeline
 
 MS = 1e-3
 
@@ -149,3 +149,22 @@ def test_bad_inputs_raise():
         plan(0, [1], [1], FakeCache([]), costs, "fastest")
     with pytest.raises(ScheduleError, match="distinct"):
         plan(0, [1, 1], [1, 1], FakeCache([]), costs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_makespan_from_counts_equals_plan(mode):
+    # scheduler.makespan (the prefetcher's cheap evaluation) sees only token counts split by
+    # residency; it must equal the full plan's makespan on the same layer, whatever the ids.
+    rng = np.random.default_rng(11)
+    costs = [CostModel.paper_a6000(), linear_costs(cpu_ovh=0.03, gpu_ovh=0.01)]
+    for trial in range(60):
+        n = int(rng.integers(1, 9))
+        ids = rng.choice(64, n, replace=False)
+        cnt = rng.choice([1, 1, 1, 2, 5, 40, 300], n) if trial % 3 else np.ones(n, np.int64)
+        res = set(rng.choice(ids, int(rng.integers(0, n + 1)), replace=False).tolist())
+        cm = costs[trial % 2]
+        busy = float(rng.uniform(0, 3)) * cm.transfer_time(0) if trial % 4 == 0 else 0.0
+        want = plan(0, ids, cnt, FakeCache(res), cm, mode, pcie_busy=busy).makespan
+        hits = [int(c) for e, c in zip(ids, cnt) if e in res]
+        other = [int(c) for e, c in zip(ids, cnt) if e not in res]
+        assert makespan(0, hits, other, cm, mode, pcie_busy=busy) == pytest.approx(want, rel=1e-12), (trial, mode)
