@@ -11,7 +11,7 @@
 #   4. every benchmark in BENCHES that exists, with --json OUTDIR/<name>.json: triton_moe (its full
 #      shape list under --budget-s), cpu_kernels --quick, moe_layer (8 DSv2-Lite layers), e2e
 #      (DSv2-Lite, 9 layers, prefill 512 + decode 32; FLAME routing replayed when shared/traces
-#      was carried into the checkout)
+#      was carried into the checkout), host_overhead (the runtime's host time per layer)
 #   5. if time is left, the Triton tests at small shapes, compiled
 #   6. a short table of the benchmark rows
 # Everything is logged to OUTDIR/run_gpu.log. Environment knobs: TOTAL_S (default 470),
@@ -23,7 +23,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUTDIR="${1:-${OUT:-$REPO/gpu_results}}"
 TOTAL_S="${TOTAL_S:-470}"
-BENCHES="${BENCHES:-triton_moe cpu_kernels moe_layer e2e}"
+BENCHES="${BENCHES:-triton_moe cpu_kernels moe_layer e2e host_overhead}"
 BENCH_ARGS="${BENCH_ARGS:-}"
 PY="${PYTHON:-python3}"
 START=$(date +%s)
@@ -111,6 +111,12 @@ for b in $BENCHES; do
     e2e)
         max=100
         extra=(--layers 9 --prefill 512 --decode 32)
+        flame="shared/traces/flame-moe-290m_dynande/flame290m_prefill_4x512tok_8layers_top6.npz"
+        if [[ -f "$flame" ]]; then extra+=(--trace "$flame"); fi
+        ;;
+    host_overhead)  # the runtime's Python time per layer, on this host's cores
+        max=40
+        extra=(--steps 100)
         flame="shared/traces/flame-moe-290m_dynande/flame290m_prefill_4x512tok_8layers_top6.npz"
         if [[ -f "$flame" ]]; then extra+=(--trace "$flame"); fi
         ;;
