@@ -10,6 +10,10 @@ tensor data stay views into the map). Supported architectures and what differs b
     llama      softmax (Mixtral)            renormalised            none
     olmoe      softmax                      not renormalised        none
 
+Routed experts are read from the 3-D tensors `blk.L.ffn_{gate,up,down}_exps.weight`, or from one
+2-D tensor per expert, `blk.L.ffn_{gate,up,down}.E.weight`, as in GGUF files converted before
+llama.cpp merged them (many Mixtral files): `expert_tensors`.
+
 Every error names the file and the key or tensor, what was expected and what was found.
 """
 
@@ -36,6 +40,11 @@ _ROUTING_DEFAULTS = {
     "llama": (True, False),
     "olmoe": (False, False),
 }
+
+
+def split_expert_name(layer: int, which: str, e: int) -> str:
+    """Name of one expert's matrix in the older per-expert layout: blk.L.ffn_{gate,up,down}.E.weight."""
+    return f"blk.{layer}.ffn_{which}.{e}.weight"
 
 
 @dataclass(frozen=True)
@@ -233,6 +242,10 @@ class GGUFModel:
                                       ("down", cfg.hidden, cfg.expert_ffn)):
                 name = f"blk.{layer}.ffn_{which}_exps.weight"
                 t = self.tensors.get(name)
+                if t is None and split_expert_name(layer, which, 0) in self.tensors:
+                    self._check_split_experts(cfg, layer, which, rows, cols)
+                    found_any = True
+                    continue
                 if t is None:
                     raise ModelConfigError(f"{self.path}: expert tensor {name!r} is missing "
                                            f"(layer {layer} should be MoE: {cfg.arch}.block_count={cfg.n_layers}, "
@@ -257,6 +270,39 @@ class GGUFModel:
                 )
         if not found_any:
             raise ModelConfigError(f"{self.path}: no routed-expert tensors found")
+
+    def _check_split_experts(self, cfg: MoEConfig, layer: int, which: str, rows: int, cols: int) -> None:
+        """A layer in the older layout: one 2-D tensor per expert, all present, same shape and type."""
+        types = set()
+        for e in range(cfg.n_experts):
+            name = split_expert_name(layer, which, e)
+            t = self.tensors.get(name)
+            if t is None:
+                raise ModelConfigError(f"{self.path}: expert tensor {name!r} is missing (layer {layer} stores "
+                                       f"one tensor per expert; expert_count={cfg.n_experts})")
+            got = tuple(int(d) for d in t.shape)
+            if got != (cols, rows):
+                raise ModelConfigError(
+                    f"{self.path}: tensor {name!r} has dims {got}, expected {(cols, rows)} (row length, rows) "
+                    f"from metadata embedding_length={cfg.hidden}, expert_feed_forward_length={cfg.expert_ffn}")
+            types.add(t.tensor_type.name)
+        if len(types) > 1:
+            raise ModelConfigError(f"{self.path}: the experts of blk.{layer}.ffn_{which} have different types "
+                                   f"({', '.join(sorted(types))}); one type per layer and matrix is supported")
+
+    def expert_tensors(self, layer: int, which: str) -> tuple[list[str], int, "np.ndarray | list[np.ndarray]"]:
+        """(tensor names, GGML type, data) of MoE layer `layer`'s routed `which` ('gate', 'up' or
+        'down') matrices. data: uint8 (E, rows, row_bytes), the 3-D tensor
+        `blk.L.ffn_{which}_exps.weight`; or, in files converted before llama.cpp merged experts
+        (e.g. the widely shared Mixtral GGUFs of early 2024), a list of E (rows, row_bytes) views of
+        the tensors `blk.L.ffn_{which}.E.weight`. Both are zero-copy views into the map."""
+        name = f"blk.{layer}.ffn_{which}_exps.weight"
+        t = self.tensors.get(name)
+        if t is not None:
+            return [name], int(t.tensor_type), t.data
+        names = [split_expert_name(layer, which, e) for e in range(self.config.n_experts)]
+        ts = [self.tensor_info(n) for n in names]
+        return names, int(ts[0].tensor_type), [t.data for t in ts]
 
     # ---- tensors ------------------------------------------------------------------------
     def has(self, name: str) -> bool:

@@ -127,7 +127,7 @@ _SHARED_QWEN2 = {
 }
 # Routed experts: never loaded into the model; they stay in the ExpertStore.
 #   mlp.experts.gate_up_proj (E, 2I, H) <- [ffn_gate_exps; ffn_up_exps],  mlp.experts.down_proj <- ffn_down_exps
-EXPERT_GGUF = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
+#   (or the per-expert ffn_{gate,up,down}.E of older files: GGUFModel.expert_tensors)
 
 NAMES: dict[str, dict[str, str]] = {
     "deepseek2": {**_LAYER, **_MLA, **_DENSE_FFN, **_ROUTER, **_SHARED_DS},
@@ -568,7 +568,8 @@ def load_gguf_model(path, device="cpu", dtype=torch.float32, moe_factory: MoEFac
         else:
             model.lm_head.weight = emb.weight
     for layer in moe_layers:
-        consumed.update(f"blk.{layer}.{s}" for s in EXPERT_GGUF)
+        for which in ("gate", "up", "down"):
+            consumed.update(gm.expert_tensors(layer, which)[0])
     unused = sorted(set(gm.tensors) - consumed)
     if unused:
         raise ModelConfigError(f"{gm.path}: {len(unused)} GGUF tensor(s) not used by the {type(model).__name__} "

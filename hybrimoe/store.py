@@ -1,7 +1,9 @@
 """ExpertStore: the routed experts of a GGUF model as raw quantized blocks in host memory.
 
 For every MoE layer the GGUF holds three 3-D tensors, `ffn_{gate,up,down}_exps` of shape
-(experts, rows, row_bytes). `expert(layer, e)` returns the three matrices of one expert as
+(experts, rows, row_bytes), or, in files converted before llama.cpp merged them, one 2-D tensor
+per expert, `ffn_{gate,up,down}.E` (GGUFModel.expert_tensors). `expert(layer, e)` returns the
+three matrices of one expert as
 `QuantTensor`s: zero-copy views, either into the file's memory map or, after `pack()`, into a
 host arena where each expert is one contiguous span [gate | up | down] (hybrimoe/layout.py).
 That span is what one PCIe copy moves to a GPU slot.
@@ -65,20 +67,18 @@ class ExpertStore:
         cfg = model.config
         self.config = cfg
         self.layers = cfg.moe_layers
-        self._tensors: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._tensors: dict[int, tuple] = {}  # layer -> (gate, up, down): 3-D array or list of E 2-D
         self._layouts: dict[int, ExpertLayout] = {}
         for layer in self.layers:
             parts, types = [], []
             for which in ("gate", "up", "down"):
-                name = f"blk.{layer}.ffn_{which}_exps.weight"
-                t = model.tensor_info(name)
-                qt = int(t.tensor_type)
+                names, qt, data = model.expert_tensors(layer, which)
                 if qt not in EXPERT_QTYPES:
                     raise UnsupportedQuantError(
-                        f"{model.path}: expert tensor {name!r} is {qtype_name(qt)}; supported expert "
+                        f"{model.path}: expert tensor {names[0]!r} is {qtype_name(qt)}; supported expert "
                         f"types are {', '.join(qtype_name(q) for q in EXPERT_QTYPES)} (a Q4_K_M file)"
                     )
-                parts.append(t.data)
+                parts.append(data)
                 types.append(qt)
             self._tensors[layer] = tuple(parts)  # type: ignore[assignment]
             self._layouts[layer] = ExpertLayout(cfg.hidden, cfg.expert_ffn, *types)
@@ -129,10 +129,13 @@ class ExpertStore:
             E = self.config.n_experts
             buf = host_zeros((E, lay.nbytes), bool(pin))
             arena = buf.numpy()
-            gt, ut, dt = self._tensors[layer]
-            arena[:, lay.gate_offset: lay.gate_offset + lay.gate_bytes] = gt.reshape(E, -1)
-            arena[:, lay.up_offset: lay.up_offset + lay.up_bytes] = ut.reshape(E, -1)
-            arena[:, lay.down_offset: lay.down_offset + lay.down_bytes] = dt.reshape(E, -1)
+            for (off, nb), src in zip(((lay.gate_offset, lay.gate_bytes), (lay.up_offset, lay.up_bytes),
+                                       (lay.down_offset, lay.down_bytes)), self._tensors[layer]):
+                if isinstance(src, np.ndarray):  # one 3-D tensor (E, rows, row_bytes)
+                    arena[:, off: off + nb] = src.reshape(E, -1)
+                else:  # one tensor per expert (older files)
+                    for e, m in enumerate(src):
+                        arena[e, off: off + nb] = m.reshape(-1)
             self._arena[layer] = arena
             self._arena_t[layer] = buf  # keep the torch owner alive (pinned allocation)
             self._pinned[layer] = bool(pin)
@@ -164,4 +167,5 @@ class ExpertStore:
     @property
     def expert_bytes(self) -> int:
         """Total bytes of routed-expert weights in the file."""
-        return sum(sum(int(t.nbytes) for t in ts) for ts in self._tensors.values())
+        return sum(int(t.nbytes) if isinstance(t, np.ndarray) else sum(int(m.nbytes) for m in t)
+                   for ts in self._tensors.values() for t in ts)

@@ -30,6 +30,7 @@ import gguf
 from gguf import GGMLQuantizationType as T
 
 from . import formats
+from .gguf_model import split_expert_name
 
 F32 = int(T.F32)
 
@@ -62,6 +63,9 @@ class SynthConfig:
     rms_eps: float = 1e-6
     router_std: float = 1.0  # multiplies the 1/sqrt(hidden) router init: larger = peakier routing
     weights: str = "quantize"  # or "blocks"
+    # routed experts as one 2-D tensor per expert (blk.L.ffn_gate.E.weight ...), the layout of GGUF
+    # files converted before llama.cpp merged them; the same weights as the merged layout
+    split_experts: bool = False
     seed: int = 0
     name: str = "synthetic"
 
@@ -310,9 +314,12 @@ def _specs(cfg: SynthConfig) -> Iterator[_TensorSpec]:
             continue
         E, inter = cfg.n_experts, cfg.expert_ffn
         yield spec(p + "ffn_gate_inp.weight", (E, H), "router", F32)
-        yield spec(p + "ffn_gate_exps.weight", (E, inter, H))
-        yield spec(p + "ffn_up_exps.weight", (E, inter, H))
-        yield spec(p + "ffn_down_exps.weight", (E, H, inter))
+        for which, shape in (("gate", (E, inter, H)), ("up", (E, inter, H)), ("down", (E, H, inter))):
+            merged = spec(p + f"ffn_{which}_exps.weight", shape)
+            if cfg.split_experts:
+                yield from _split(merged, i, which)
+            else:
+                yield merged
         if cfg.n_shared:
             S = cfg.shared_ffn
             if cfg.arch == "qwen2moe":
@@ -322,6 +329,21 @@ def _specs(cfg: SynthConfig) -> Iterator[_TensorSpec]:
             yield spec(p + "ffn_down_shexp.weight", (H, S))
     yield spec("output_norm.weight", (H,), "norm")
     yield spec("output.weight", (V, H))
+
+
+def _split(merged: _TensorSpec, layer: int, which: str) -> Iterator[_TensorSpec]:
+    """The per-expert tensors blk.L.ffn_{which}.E.weight holding `merged`'s data (generated once)."""
+    memo: dict[str, np.ndarray] = {}
+
+    def part(kind: str, e: int) -> np.ndarray:
+        if kind not in memo:
+            memo.clear()  # one of the two at a time: a writer asks for blocks, a test for floats
+            memo[kind] = merged.make() if kind == "blocks" else merged.make_float()
+        return memo[kind][e]
+
+    for e in range(merged.shape[0]):
+        yield _TensorSpec(split_expert_name(layer, which, e), merged.shape[1:], merged.qtype,
+                          lambda e=e: part("blocks", e), lambda e=e: part("float", e))
 
 
 def tensor_specs(cfg: SynthConfig) -> dict[str, _TensorSpec]:

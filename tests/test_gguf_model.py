@@ -1,5 +1,6 @@
 """GGUF loading (GGUFModel, ExpertStore) on synthetic files, and every bad-input case."""
 
+import dataclasses
 import os
 import shutil
 import time
@@ -254,3 +255,55 @@ def test_store_index_errors(tiny_path):
         store.expert(0, 0)
     with pytest.raises(ModelConfigError, match="out of range"):
         store.expert(1, 8)
+
+
+# ---------------------------------------- older files: one tensor per expert (blk.L.ffn_up.E) ----
+@pytest.fixture(scope="module")
+def split_pair(tmp_path_factory):
+    """The same tiny Mixtral written twice: experts merged (ffn_*_exps) and one tensor per expert,
+    the layout of Mixtral GGUFs converted before llama.cpp merged them."""
+    d = tmp_path_factory.mktemp("split")
+    cfg = synth.PRESETS["tiny-mixtral"]
+    return (synth.write_gguf(cfg, d / "merged.gguf"),
+            synth.write_gguf(dataclasses.replace(cfg, split_experts=True), d / "split.gguf"))
+
+
+def test_split_expert_layout_reads_like_merged(split_pair):
+    merged, split = GGUFModel(split_pair[0]), GGUFModel(split_pair[1])
+    assert "blk.0.ffn_gate.7.weight" in split.tensors and not split.has("blk.0.ffn_gate_exps.weight")
+    assert dataclasses.replace(split.config) == merged.config
+    sm, ss = ExpertStore(merged), ExpertStore(split)
+    assert ss.expert_bytes == sm.expert_bytes > 0
+    for layer in ss.layers:
+        assert ss.layout(layer) == sm.layout(layer)
+        for e in range(split.config.n_experts):
+            a, b = sm.expert(layer, e), ss.expert(layer, e)
+            for which, x, y in zip(("gate", "up", "down"), (a.gate, a.up, a.down), (b.gate, b.up, b.down)):
+                assert (x.qtype, x.shape) == (y.qtype, y.shape)
+                np.testing.assert_array_equal(x.data, y.data)
+                assert np.shares_memory(y.data, split.raw(f"blk.{layer}.ffn_{which}.{e}.weight"))  # zero-copy
+    sm.pack(pin=False)
+    ss.pack(pin=False)
+    for layer in ss.layers:
+        np.testing.assert_array_equal(ss.arena_tensor(layer).numpy(), sm.arena_tensor(layer).numpy())
+
+
+def test_split_expert_missing_or_mixed_types_are_named(split_pair, tmp_path):
+    p = _copy(split_pair[1], tmp_path)
+    r, f = _tensor_field(p, "blk.1.ffn_up.3.weight")
+    name = f.parts[1]
+    name[name.tobytes().index(b".3.")+1] = ord("9")  # expert 3 of that matrix is gone
+    r.data.flush()
+    del r
+    with pytest.raises(ModelConfigError, match=r"blk\.1\.ffn_up\.3\.weight.*missing"):
+        GGUFModel(p)
+    p = _copy(split_pair[1], tmp_path, "mixed.gguf")
+    r, f = _tensor_field(p, "blk.2.ffn_gate.5.weight")
+    assert int(f.parts[4][0]) == formats.Q4_K
+    # one expert of a layer in another type: Q4_0 has Q4_K's 144 bytes per 256 weights, so only
+    # the per-layer type check can catch it
+    f.parts[4][0] = int(gguf.GGMLQuantizationType.Q4_0)
+    r.data.flush()
+    del r
+    with pytest.raises(ModelConfigError, match=r"blk\.2\.ffn_gate have different types \(Q4_0, Q4_K\)"):
+        GGUFModel(p)
