@@ -245,7 +245,7 @@ def makespan(layer: int, resident_counts: Sequence[int], other_counts: Sequence[
     activated experts are given as the token counts of the resident ones and of the others (any
     order). A plan's makespan depends on the experts only through these (ids just break ties
     between equal counts), so this equals plan() on any ids with these counts; the prefetcher
-    evaluates many hypothetical caches with it (~4x cheaper than plan)."""
+    evaluates many hypothetical caches with it (6.8 vs 11.5 us for plan at 6 experts, 2-core box)."""
     hits = sorted(resident_counts, reverse=True)
     n_hits = len(hits)
     counts = dict(enumerate(hits + sorted(other_counts, reverse=True)))

@@ -334,12 +334,16 @@ def _specs(cfg: SynthConfig) -> Iterator[_TensorSpec]:
 def _split(merged: _TensorSpec, layer: int, which: str) -> Iterator[_TensorSpec]:
     """The per-expert tensors blk.L.ffn_{which}.E.weight holding `merged`'s data (generated once)."""
     memo: dict[str, np.ndarray] = {}
+    last = merged.shape[0] - 1
 
     def part(kind: str, e: int) -> np.ndarray:
         if kind not in memo:
             memo.clear()  # one of the two at a time: a writer asks for blocks, a test for floats
             memo[kind] = merged.make() if kind == "blocks" else merged.make_float()
-        return memo[kind][e]
+        out = memo[kind][e].copy()
+        if e == last:  # a writer goes in order: let the layer's data go (regenerated if asked again)
+            memo.clear()
+        return out
 
     for e in range(merged.shape[0]):
         yield _TensorSpec(split_expert_name(layer, which, e), merged.shape[1:], merged.qtype,
