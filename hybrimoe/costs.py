@@ -134,7 +134,11 @@ class CostModel:
         """From a JSON string or a path to a .json file written by `save` / `to_json`."""
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):
-            text = Path(text).read_text()
+            try:
+                text = Path(text).read_text()
+            except OSError as e:
+                raise CostModelError(f"cost model {text!r}: cannot read it ({e.strerror}); give a JSON file the "
+                                     "runtime wrote (~/.cache/hybrimoe/costs/) or paper-a6000") from None
         try:
             d = json.loads(text)
             layers = tuple(LayerCost(**{k: tuple(v) if isinstance(v, list) else v for k, v in lc.items()})

@@ -24,6 +24,19 @@ def test_json_roundtrip(tmp_path):
     assert back == cm and CostModel.from_json(cm.to_json()) == cm
     with pytest.raises(CostModelError, match="unreadable"):
         CostModel.from_json('{"nope": 1}')
+    with pytest.raises(CostModelError, match=r"nope\.json.*cannot read it.*paper-a6000"):
+        CostModel.from_json(tmp_path / "nope.json")
+
+
+def test_runtime_costs_take_the_paper_testbed_or_a_file(tmp_path):
+    # RuntimeConfig.costs (generate --costs): 'paper-a6000' picks the shape from the expert count
+    from hybrimoe.costs import resolve
+
+    assert resolve("paper-a6000", "mixtral").name == "paper-a6000-mixtral"
+    assert resolve("paper-a6000:deepseek-v2-lite").name == "paper-a6000-deepseek-v2-lite"
+    cm = CostModel.paper_a6000("mixtral")
+    cm.save(tmp_path / "c.json")
+    assert resolve(str(tmp_path / "c.json")) == cm
 
 
 def test_calibrate_fits_points_monotone_and_caches(tmp_path):

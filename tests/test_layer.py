@@ -132,6 +132,17 @@ def test_cpu_only_machine_runs_everything_on_cpu(tiny, tmp_path):
     assert rt.summary()["experts_gpu"] == 0
 
 
+def test_costs_option_takes_the_paper_testbed_or_a_file(tiny, tmp_path):
+    m, store = tiny
+    rt = HybridRuntime(store, RuntimeConfig(device="cpu", emulate_gpu=True, costs="paper-a6000:deepseek-v2-lite"))
+    assert rt.costs.name == "paper-a6000-deepseek-v2-lite" and rt.prefetcher is None
+    rt.costs.save(tmp_path / "c.json")
+    rt2 = HybridRuntime(store, RuntimeConfig(device="cpu", emulate_gpu=True, costs=str(tmp_path / "c.json")))
+    assert rt2.costs == rt.costs
+    with pytest.raises(HybrimoeError, match="cannot read it"):
+        HybridRuntime(store, RuntimeConfig(device="cpu", emulate_gpu=True, costs=str(tmp_path / "none.json")))
+
+
 def test_shared_expert_and_shapes(tiny, tmp_path):
     m, store = tiny
     rt = HybridRuntime(store, RuntimeConfig(device="cpu", cache_dir=str(tmp_path)))
