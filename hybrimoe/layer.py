@@ -94,6 +94,10 @@ class LayerStats:
     prefetch_s: float = 0.0
 
 
+# Tokens up to which moe_begin brings the hidden states to the host in the routing copy.
+_CARRY_X_TOKENS = 16
+
+
 class _PairIndex:
     """The (token, routing weight) pairs of each activated expert, from one stable sort of the
     routing: of(e) -> (token ids int64 ascending, weights float32)."""
@@ -494,14 +498,21 @@ class HybridRuntime:
         k = ids.shape[1]
         want_probs = self.cache.policy == "mrs" or self.record_routing
         la_ids = self._lookahead_ids(i, x) if self.prefetcher is not None else None
+        # At decode sizes the hidden states ride along too: the CPU experts need them on the host,
+        # and a second device->host copy would be a second sync (a prefill's would be megabytes
+        # copied for nothing when every expert runs on the GPU).
+        carry_x = self.gpu_enabled and T_ <= _CARRY_X_TOKENS
         parts = [ids.float(), w.float()] + ([probs.float()] if want_probs else [])
-        host = torch.cat(parts + ([la_ids.float()] if la_ids is not None else []), 1).cpu().numpy()
+        parts += ([la_ids.float()] if la_ids is not None else []) + ([x.float()] if carry_x else [])
+        host = torch.cat(parts, 1).cpu().numpy()
         t_routed = time.perf_counter()
         st.sync_s += t_routed - t_start
+        cols = np.cumsum([0] + [q.shape[1] for q in parts]).tolist()
         ids_np = host[:, :k].astype(np.int64)
         w_np = host[:, k:2 * k]
-        p_np = host[:, 2 * k:2 * k + probs.shape[1]] if want_probs else None
-        la_np = host[:, host.shape[1] - la_ids.shape[1]:].astype(np.int64) if la_ids is not None else None
+        p_np = host[:, cols[2]:cols[3]] if want_probs else None
+        la_np = host[:, cols[2 + want_probs]:cols[3 + want_probs]].astype(np.int64) if la_ids is not None else None
+        x_carried = host[:, cols[-2]:] if carry_x else None
         counts = np.bincount(ids_np.ravel(), minlength=self.n_experts)
         experts = np.flatnonzero(counts)  # activated experts, ascending
         counts = counts[experts]
@@ -532,7 +543,10 @@ class HybridRuntime:
         # CPU part: one fused call, submitted before the GPU part so both run together
         # host copies only when the host computes something (on CUDA each is a device->host copy)
         need_host = bool(cpu_list) or not self.gpu_real
-        x_host = x.detach().to("cpu", torch.float32).contiguous() if need_host else None
+        x_host = None
+        if need_host:
+            x_host = (torch.from_numpy(np.ascontiguousarray(x_carried)) if x_carried is not None
+                      else x.detach().to("cpu", torch.float32).contiguous())
         pairs = _PairIndex(ids_np, w_np, experts, counts)
         toks, wts, ws_cpu = [], [], []
         for e in cpu_list:
