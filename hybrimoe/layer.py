@@ -100,13 +100,14 @@ _CARRY_X_TOKENS = 16
 
 class _PairIndex:
     """The (token, routing weight) pairs of each activated expert, from one stable sort of the
-    routing: of(e) -> (token ids int64 ascending, weights float32)."""
+    routing: of(e) -> (token ids int64 ascending, weights float32), views of two arrays built once."""
 
     def __init__(self, ids: np.ndarray, w: np.ndarray, experts: np.ndarray, counts: np.ndarray):
         k = ids.shape[1]
-        self.order = np.argsort(ids.ravel(), kind="stable")  # pair index t*k + j, grouped by expert
-        self.w = np.ascontiguousarray(w, np.float32).ravel()
-        self.k = k
+        flat = ids.ravel()
+        order = np.argsort(flat, kind="stable")  # pair index t*k + j, grouped by expert
+        self.tok = order // k
+        self.w = np.ascontiguousarray(w, np.float32).ravel()[order]
         ends = np.cumsum(counts).tolist()
         self.span = {e: (b - c, b) for e, b, c in zip(experts.tolist(), ends, counts.tolist())}
 
@@ -116,8 +117,7 @@ class _PairIndex:
 
     def of(self, e: int):
         a, b = self.span[int(e)]
-        sl = self.order[a:b]
-        return sl // self.k, self.w[sl]
+        return self.tok[a:b], self.w[a:b]
 
 
 @dataclass
