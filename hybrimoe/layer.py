@@ -104,8 +104,7 @@ class _PairIndex:
 
     def __init__(self, ids: np.ndarray, w: np.ndarray, experts: np.ndarray, counts: np.ndarray):
         k = ids.shape[1]
-        flat = ids.ravel()
-        order = np.argsort(flat, kind="stable")  # pair index t*k + j, grouped by expert
+        order = np.argsort(ids.ravel(), kind="stable")  # pair index t*k + j, grouped by expert
         self.tok = order // k
         self.w = np.ascontiguousarray(w, np.float32).ravel()[order]
         ends = np.cumsum(counts).tolist()
@@ -495,24 +494,27 @@ class HybridRuntime:
         # Routing to the host in ONE device->host copy (each is a sync on CUDA): ids (exact in
         # float32 below 2^24), weights, the full scores when MRS or the trace recorder reads them,
         # and the look-ahead routers' top-k on this input (prefetch), launched before the copy.
-        k = ids.shape[1]
         want_probs = self.cache.policy == "mrs" or self.record_routing
         la_ids = self._lookahead_ids(i, x) if self.prefetcher is not None else None
         # At decode sizes the hidden states ride along too: the CPU experts need them on the host,
         # and a second device->host copy would be a second sync (a prefill's would be megabytes
         # copied for nothing when every expert runs on the GPU).
         carry_x = self.gpu_enabled and T_ <= _CARRY_X_TOKENS
-        parts = [ids.float(), w.float()] + ([probs.float()] if want_probs else [])
-        parts += ([la_ids.float()] if la_ids is not None else []) + ([x.float()] if carry_x else [])
-        host = torch.cat(parts, 1).cpu().numpy()
+        named = [("ids", ids), ("w", w), ("probs", probs if want_probs else None), ("la", la_ids),
+                 ("x", x if carry_x else None)]
+        named = [(n, t) for n, t in named if t is not None]
+        host = torch.cat([t.float() for _, t in named], 1).cpu().numpy()
         t_routed = time.perf_counter()
         st.sync_s += t_routed - t_start
-        cols = np.cumsum([0] + [q.shape[1] for q in parts]).tolist()
-        ids_np = host[:, :k].astype(np.int64)
-        w_np = host[:, k:2 * k]
-        p_np = host[:, cols[2]:cols[3]] if want_probs else None
-        la_np = host[:, cols[2 + want_probs]:cols[3 + want_probs]].astype(np.int64) if la_ids is not None else None
-        x_carried = host[:, cols[-2]:] if carry_x else None
+        part, c0 = {}, 0  # name -> its columns of `host`
+        for n, t in named:
+            part[n] = host[:, c0:c0 + t.shape[1]]
+            c0 += t.shape[1]
+        ids_np = part["ids"].astype(np.int64)
+        w_np = part["w"]
+        p_np = part.get("probs")
+        la_np = part["la"].astype(np.int64) if "la" in part else None
+        x_carried = part.get("x")
         counts = np.bincount(ids_np.ravel(), minlength=self.n_experts)
         experts = np.flatnonzero(counts)  # activated experts, ascending
         counts = counts[experts]
