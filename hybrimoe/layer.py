@@ -196,6 +196,8 @@ class HybridRuntime:
             self.cpu.set_num_threads(max(1, self.cpu.physical_cores() - 1))
         n = len(self.moe_layers)
         layouts = [store.layout(layer) for layer in self.moe_layers]
+        if not 0 <= int(cfg.prefetch_size) <= self.n_experts:
+            raise HybrimoeError(f"prefetch size {cfg.prefetch_size} experts per layer must be in 0..{self.n_experts}")
         if cfg.gpu_budget is not None and cfg.cache_size is not None:
             raise HybrimoeError("give either cache_size (experts per layer) or gpu_budget (bytes), not both")
         if cfg.gpu_budget is not None:
