@@ -251,6 +251,10 @@ class HybridRuntime:
         self._cpu_out_read = None
         self._cpu_out_job = None
         self.closed = False
+        # (layer, step) of a moe_begin whose moe_end has not returned: set while a call runs, left
+        # set when it raised or was interrupted (the cache may then list experts whose copy never
+        # happened, or keep them pinned), so the next call refuses instead of computing on them.
+        self._unfinished: tuple[int, int] | None = None
 
     def close(self) -> None:
         """Finish the copies in flight and drop queued prefetches; call before dropping a runtime
@@ -488,6 +492,11 @@ class HybridRuntime:
         on a host without CUDA), its output added to the layer's."""
         if self.closed:
             raise HybrimoeError("this HybridRuntime was closed (close() is final); build a new one")
+        if self._unfinished is not None:
+            raise HybrimoeError(f"this HybridRuntime stopped: its call for MoE layer {self._unfinished[0]} (step "
+                                f"{self._unfinished[1]}) raised or was interrupted, so its expert cache may not match "
+                                "the slots; build a new one")
+        self._unfinished = (layer, self.step)
         t_start = time.perf_counter()
         i = self.index[layer]
         st = self.stats[layer]
@@ -636,6 +645,7 @@ class HybridRuntime:
         if self.config.record_timeline:
             self.timeline.append({"step": self.step, "layer": layer, "t0": t_start, "cpu": (t_cpu0, t_cpu1),
                                   "gpu": (t_gpu0, t_gpu1), "plan": p, "loads": len(p.loads)})
+        self._unfinished = None
         return y
 
     def _lookahead(self, i: int):
