@@ -87,6 +87,7 @@ _MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, a one-byte value
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset (no dims, empty name)
 _MIN_ARRAY_ITEM_BYTES = {int(GGUFValueType.STRING): 8, int(GGUFValueType.ARRAY): 4 + 8}
 _MAX_DIMS = 4  # GGML_MAX_DIMS: llama.cpp refuses tensors with more
+_MAX_KEY_BYTES = 65535  # GGUF spec: a metadata key is at most 2^16 - 1 bytes
 
 
 class _CheckedReader(GGUFReader):
@@ -126,6 +127,9 @@ class _CheckedReader(GGUFReader):
         for _ in range(count):
             # Parse one key at a time so an error inside its value can name the key.
             klen = int(self._get(offs, np.uint64)[0])
+            if klen > _MAX_KEY_BYTES:  # the spec's limit; else a lying length decodes megabytes as a name
+                raise GGUFFormatError(f"{self._hm_path}: a metadata key after {self._hm_key!r} is {klen} bytes long, "
+                                      f"expected at most {_MAX_KEY_BYTES} (GGUF spec): corrupt file")
             self._hm_room("a metadata key's length", klen, 1, offs + 8)
             self._hm_key = bytes(self._get(offs + 8, np.uint8, klen)).decode("utf-8", "replace")
             offs = super()._build_fields(offs, 1)
