@@ -134,7 +134,7 @@ def bench_shape(name, rows, cols, qtype, tokens, threads_list, budget, rng, rows
                 print(f"{name:22s} {F.qtype_name(qtype):5s} T={T:<4d} th={threads} {row['cache']:4s} "
                       f"{med:9.1f} us  {gbps:6.2f} GB/s  {gbps / cbw:5.2f} of copy  x{tmed / med:6.2f} vs torch fp32",
                       flush=True)
-                if f32act and qtype == F.Q4_K and T == 1:
+                if f32act and qtype == F.Q4_K and T == 1 and cpu.tier() == "avx512":  # an AVX-512-only probe
                     ext = cpu._ext()
                     xn = x.numpy()
                     fmed, fp10, fp90 = timeit(

@@ -609,7 +609,11 @@ PYBIND11_MODULE(_cpu, m) {
     m.def(
         "_gemm_q4k_f32act",
         [](uint64_t w, int rows, int cols, uint64_t x, int T, uint64_t out) {
-            if (!features().avx512) throw std::runtime_error("_gemm_q4k_f32act needs AVX-512");
+            // Checks the active tier, not only the CPU: a caller that forgets to check then fails on every
+            // machine once the tier is forced to generic (as tests/test_microbench.py does).
+            if (current_tier() != "avx512")
+                throw std::runtime_error(std::string("_gemm_q4k_f32act needs the avx512 tier (active: ") +
+                                         current_tier() + ")");
             check_matrix("weight", (int)QType::Q4_K, cols);
             py::gil_scoped_release nogil;
             std::lock_guard<std::mutex> lk(ctx().run_mu_);
