@@ -37,7 +37,9 @@ from .errors import HybrimoeError, ModelConfigError
 from .formats import QuantTensor
 from .prefetch import Prediction, Prefetcher, idle_budget
 from .reference import RoutingConfig
-from .scheduler import MODES, plan as make_plan
+from .scheduler import MODES
+from .step import decide, release
+from .step import prefetch as prefetch_step
 from .store import expert_views
 from .transfer import TransferEngine
 
@@ -70,6 +72,7 @@ class RuntimeConfig:
     record_timeline: bool = False
     seed_model: str = "deepseek"
     prefetch_chunk_bytes: int = 1 << 20  # granularity of prefetch copies (demand loads overtake between chunks)
+    record_decisions: bool = False  # keep every step's LayerDecision / PrefetchDecision in runtime.decisions
 
 
 @dataclass
@@ -78,6 +81,7 @@ class LayerStats:
     hits: int = 0
     misses: int = 0
     loads: int = 0
+    refused: int = 0  # planned loads the cache had no slot for (run on the CPU)
     on_gpu: int = 0  # experts computed on the GPU (hits + loads)
     on_cpu: int = 0
     tokens_gpu: int = 0  # (token, expert) pairs
@@ -237,6 +241,7 @@ class HybridRuntime:
         self._router_stack = None  # every MoE layer's router (n_layers*E, H) float, for look-ahead
         self.stats = {layer: LayerStats() for layer in self.moe_layers}
         self.timeline: list[dict] = []
+        self.decisions: list[tuple] = []  # (step, LayerDecision | PrefetchDecision) with record_decisions
         self.step = 0
         self.record_routing = False  # generate --trace-out: keep every layer's routing
         self._routing_log: list[tuple[int, int, np.ndarray, np.ndarray]] = []
@@ -520,28 +525,23 @@ class HybridRuntime:
         counts = counts[experts]
         if self.record_routing:
             self._routing_log.append((self.step, layer, ids_np.copy(), np.take_along_axis(p_np, ids_np, 1)))
-        if self.prefetcher is not None:
-            self.prefetcher.record(i, experts)
-        if self.cache.policy == "mrs":
-            self.cache.observe(i, p_np)
-        slots_before = self.cache.access(i, experts)
-        hits = sum(s is not None for s in slots_before)
-        st.hits += hits
-        st.misses += len(experts) - hits
-        p = make_plan(i, experts, counts, self.cache, self.costs, self.schedule, seed_model=self.config.seed_model)
+        # observe -> access -> plan -> pin -> admit: the sequence the simulator drives too (hybrimoe.step)
+        d = decide(self.cache, self.costs, self.schedule, i, experts, counts,
+                   p_np if self.cache.policy == "mrs" else None, prefetcher=self.prefetcher,
+                   seed_model=self.config.seed_model)
+        if self.config.record_decisions:
+            self.decisions.append((self.step, d))
+        st.hits += d.hits
+        st.misses += len(experts) - d.hits
+        st.refused += len(d.refused)
+        p = d.plan
         pool = self._pool(i)
-        self.cache.pin(i, experts)
-        slot_of: dict[int, int] = {e: self.cache.lookup(i, e) for e in p.gpu}
+        slot_of = d.slots
         cpu_list = list(p.cpu)
-        for e in p.loads:  # demand loads first
-            slot, _evicted = self.cache.admit(i, e, protect=experts)
-            if slot is None:  # nothing evictable: compute it on the CPU instead
-                cpu_list.append(e)
-                continue
+        for e, slot in d.loads:  # demand loads first
             self.transfers.load(pool, slot, self._span(layer, e))
-            st.loads += 1
-            st.bytes_moved += self.layouts[i].weight_bytes
-            slot_of[e] = slot
+        st.loads += len(d.loads)
+        st.bytes_moved += len(d.loads) * self.layouts[i].weight_bytes
         # CPU part: one fused call, submitted before the GPU part so both run together
         # host copies only when the host computes something (on CUDA each is a device->host copy)
         need_host = bool(cpu_list) or not self.gpu_real
@@ -629,7 +629,7 @@ class HybridRuntime:
             y = y_cpu if y_cpu is not None else torch.zeros(T_, H, dtype=torch.float32, device=x.device)
         elif y_cpu is not None:
             y = y + y_cpu
-        self.cache.unpin(i)
+        release(self.cache, i)
         st.total_s += time.perf_counter() - t_start
         if self.config.record_timeline:
             self.timeline.append({"step": self.step, "layer": layer, "t0": t_start, "cpu": (t_cpu0, t_cpu1),
@@ -700,14 +700,12 @@ class HybridRuntime:
                    + self.transfers.prefetches_in_flight() * self.costs.transfer_time(i))
         idle = idle_budget(i, p.makespan, p.pcie_end, 0.0, backlog, self.prefetcher.horizon, len(self.moe_layers),
                            spans_layers=True)
-        orders = self.prefetcher.choose(i, preds, self.cache, idle_before=idle)
-        for o in orders:
-            slot, _ = self.cache.admit(o.layer, o.expert, prefetch=True,
-                                       protect=preds[o.layer].experts)
-            if slot is None:
-                continue
+        for pd in prefetch_step(self.cache, self.prefetcher, i, preds, idle_before=idle):
+            o = pd.order
+            if self.config.record_decisions:
+                self.decisions.append((self.step, pd))
             layer = self.moe_layers[o.layer]
-            self.transfers.load(self._pool(o.layer), slot, self._span(layer, o.expert), prefetch=True)
+            self.transfers.load(self._pool(o.layer), pd.slot, self._span(layer, o.expert), prefetch=True)
             self.stats[self.moe_layers[i]].prefetch_issued += 1
 
     def routing_trace(self, name: str = "hybrimoe run"):
