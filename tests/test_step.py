@@ -63,7 +63,8 @@ def test_runtime_and_simulator_decide_alike(tiny, tmp_path, rng, mode, policy, c
     # runtime: one token per step, every MoE layer in order, routing taken from the trace
     g = torch.Generator().manual_seed(0)
     for t in range(tr.n_tokens):
-        rt.step = t
+        if t:
+            rt.next_step()
         for j, layer in enumerate(store.layers):
             x = torch.randn(1, m.config.hidden, generator=g)
             ids = torch.from_numpy(tr.expert_ids[t, j].astype(np.int64))[None]
