@@ -111,7 +111,7 @@ def load(args):
     cfg = RuntimeConfig(cache_size=args.cache_size, gpu_budget=args.gpu_budget, policy=args.policy,
                         schedule=args.schedule, prefetch_size=args.prefetch_size, device=str(device),
                         emulate_gpu=args.emulate_gpu, cpu_threads=args.cpu_threads, costs=args.costs,
-                        record_timeline=bool(args.timeline or args.plot),
+                        record_timeline=bool(args.timeline or args.plot), record_routing=bool(args.trace_out),
                         static_counts=None)
     if args.policy == "static":
         import numpy as np
@@ -123,7 +123,6 @@ def load(args):
         print("[hybrimoe] no CUDA: every routed expert runs on the CPU kernels "
               "(--emulate-gpu exercises the cache/scheduler/prefetch with a host-side GPU)")
     runtime = HybridRuntime(store, cfg)
-    runtime.record_routing = bool(args.trace_out)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, _, _ = load_gguf_model(gm, device=device, dtype=dtype, progress=True, store=store,
                                   moe_factory=hybrid_factory(runtime), dense=args.dense)
@@ -187,7 +186,7 @@ def generate_ids(model, input_ids, max_new_tokens, runtime=None, eos_id=None, te
     prefill time then covers only the tokens fed."""
     t0 = time.perf_counter()
     if runtime is not None:
-        runtime.step = 0
+        runtime.new_sequence()
     prompt = input_ids[0].tolist() if input_ids.shape[0] == 1 else None
     past, start = None, 0
     if session is not None and session.past is not None and prompt is not None:
@@ -214,7 +213,7 @@ def generate_ids(model, input_ids, max_new_tokens, runtime=None, eos_id=None, te
         if eos_id is not None and new[-1] == eos_id or step == max_new_tokens - 1:
             break
         if runtime is not None:
-            runtime.step = step + 1
+            runtime.next_step()
         out = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
         past = out.past_key_values
         logits = out.logits[:, -1].float()

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize as _gguf_dequantize
 
 from .errors import GGUFFormatError, ModelConfigError, QuantShapeError, UnsupportedQuantError
@@ -82,16 +82,65 @@ class MoEConfig:
         return tuple(range(self.leading_dense, self.n_layers))
 
 
+# Smallest encoded sizes (bytes), for checking a count against the bytes left before looping.
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, a one-byte value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset (no dims, empty name)
+_MIN_ARRAY_ITEM_BYTES = {int(GGUFValueType.STRING): 8, int(GGUFValueType.ARRAY): 4 + 8}
+_MAX_DIMS = 4  # GGML_MAX_DIMS: llama.cpp refuses tensors with more
+
+
 class _CheckedReader(GGUFReader):
-    """GGUFReader that checks every tensor's type and byte range before building views, so a
-    lying header ends in a GGUFFormatError naming the tensor, never a huge allocation."""
+    """GGUFReader that checks every count against the bytes left before looping over it (key/value
+    count, tensor count, array lengths), and every tensor's type, dims, alignment and byte range
+    before building views, so a lying header ends in a GGUFFormatError naming the key or tensor,
+    never a huge allocation or a long loop over garbage."""
 
     def __init__(self, path: str):
         self._hm_path = path
+        self._hm_key = "?"
         super().__init__(path, "r")
+
+    def _hm_room(self, what: str, count: int, min_bytes: int, offs: int) -> None:
+        left = len(self.data) - int(offs)
+        if count * min_bytes > left:
+            raise GGUFFormatError(
+                f"{self._hm_path}: {what} is {count}, but the {left} bytes left in the file hold at most "
+                f"{max(left, 0) // min_bytes} (at least {min_bytes} bytes each): truncated or corrupt file")
+
+    def _build_fields(self, offs, count):  # noqa: D401 - overrides gguf internals
+        count = int(count)
+        self._hm_room("GGUF.kv_count (metadata keys)", count, _MIN_KV_BYTES, offs)
+        for _ in range(count):
+            # Parse one key at a time so an error inside its value can name the key.
+            klen = int(self._get(offs, np.uint64)[0])
+            self._hm_room("a metadata key's length", klen, 1, offs + 8)
+            self._hm_key = bytes(self._get(offs + 8, np.uint8, klen)).decode("utf-8", "replace")
+            offs = super()._build_fields(offs, 1)
+        self._hm_key = "?"
+        return offs
+
+    def _get_field_parts(self, orig_offs, raw_type):  # noqa: D401 - overrides gguf internals
+        if int(raw_type) == int(GGUFValueType.ARRAY):
+            item = int(self._get(orig_offs, np.uint32)[0])
+            n = int(self._get(orig_offs + 4, np.uint64)[0])
+            try:
+                size = _MIN_ARRAY_ITEM_BYTES.get(item) or np.dtype(self.gguf_scalar_to_np[GGUFValueType(item)]).itemsize
+            except (ValueError, KeyError):
+                raise GGUFFormatError(f"{self._hm_path}: metadata key {self._hm_key!r}: array of unknown value "
+                                      f"type {item}") from None
+            self._hm_room(f"metadata key {self._hm_key!r}: array length", n, size, orig_offs + 12)
+        elif int(raw_type) == int(GGUFValueType.STRING):
+            self._hm_room(f"metadata key {self._hm_key!r}: string length", int(self._get(orig_offs, np.uint64)[0]),
+                          1, orig_offs + 8)
+        return super()._get_field_parts(orig_offs, raw_type)
+
+    def _build_tensor_info(self, offs, count):  # noqa: D401 - overrides gguf internals
+        self._hm_room("GGUF.tensor_count", int(count), _MIN_TENSOR_INFO_BYTES, offs)
+        return super()._build_tensor_info(offs, count)
 
     def _build_tensors(self, start_offs, fields):  # noqa: D401 - overrides gguf internals
         size = len(self.data)
+        align = int(self.alignment)
         for f in fields:
             _nl, name_data, _nd, dims, raw_dtype, offset_tensor = f.parts
             name = bytes(name_data).decode("utf-8", "replace")
@@ -103,18 +152,26 @@ class _CheckedReader(GGUFReader):
                 ) from None
             bs, ts = GGML_QUANT_SIZES[qt]
             dims_l = [int(d) for d in dims]
-            if not dims_l or any(d <= 0 for d in dims_l):
-                raise GGUFFormatError(f"{self._hm_path}: tensor {name!r} has invalid dims {dims_l}")
+            if not dims_l or len(dims_l) > _MAX_DIMS or any(d <= 0 for d in dims_l):
+                raise GGUFFormatError(f"{self._hm_path}: tensor {name!r} has invalid dims {dims_l} "
+                                      f"(expected 1 to {_MAX_DIMS} positive sizes)")
             if dims_l[0] % bs:
                 raise QuantShapeError(
                     f"{self._hm_path}: tensor {name!r}: row length {dims_l[0]} is not a multiple of "
                     f"{qt.name}'s block size {bs}"
                 )
+            rel = int(offset_tensor[0])
+            if rel % align:
+                # The GGUF spec requires it and llama.cpp refuses such files: reading from there
+                # would run on shifted bytes.
+                raise GGUFFormatError(
+                    f"{self._hm_path}: tensor {name!r}: data offset {rel} is not a multiple of "
+                    f"general.alignment ({align}): corrupt file")
             n = 1
             for d in dims_l:
                 n *= d
             nbytes = n * ts // bs
-            off = int(start_offs) + int(offset_tensor[0])
+            off = int(start_offs) + rel
             if off + nbytes > size:
                 raise GGUFFormatError(
                     f"{self._hm_path}: tensor {name!r} data [{off}, {off + nbytes}) runs past the end "
@@ -143,7 +200,8 @@ class GGUFModel:
             self.reader = _CheckedReader(path)
         except (GGUFFormatError, UnsupportedQuantError, QuantShapeError):
             raise
-        except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
+        except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, TypeError,
+                ZeroDivisionError) as e:
             raise GGUFFormatError(f"{path}: unreadable GGUF header or tensor table ({type(e).__name__}: {e}); "
                                   "the file is truncated or corrupt") from None
         self.path = path
@@ -188,6 +246,8 @@ class GGUFModel:
             )
         n_layers = self._key("block_count")
         hidden = self._key("embedding_length")
+        leading_dense = self._key("leading_dense_block_count", int, 0)
+        self._check_blocks(n_layers, leading_dense)
         top_k = self._key("expert_used_count")
         if not 0 < top_k <= n_experts:
             raise ModelConfigError(f"{self.path}: {arch}.expert_used_count must be in 1..{n_experts}, found {top_k}")
@@ -203,6 +263,9 @@ class GGUFModel:
             n_shared = n_shared or 1
             shared_ffn = shared_ffn or int(self.tensors["blk.0.ffn_up_shexp.weight"].shape[1])
         n_heads = self._key("attention.head_count", int, 0)
+        n_kv_heads = self._key("attention.head_count_kv", int, n_heads)
+        vocab = self._check_embedding(hidden)
+        self._check_heads(hidden, n_heads, n_kv_heads)
         cfg = MoEConfig(
             arch=arch,
             n_layers=n_layers,
@@ -216,24 +279,118 @@ class GGUFModel:
             gating={1: "softmax", 2: "sigmoid"}.get(gating_id, "softmax"),
             norm_topk=bool(self._key("expert_weights_norm", bool, norm_default)),
             routed_scale=float(self._key("expert_weights_scale", float, 1.0)),
-            leading_dense=self._key("leading_dense_block_count", int, 0),
+            leading_dense=leading_dense,
             dense_ffn=ffn,
-            vocab_size=self._key("vocab_size", int, 0) or self._vocab_from_tokens(),
+            vocab_size=vocab,
             n_heads=n_heads,
-            n_kv_heads=self._key("attention.head_count_kv", int, n_heads),
-            context_length=self._key("context_length", int, 0),
+            n_kv_heads=n_kv_heads,
+            context_length=self._count("context_length", self._key("context_length", int, 0), 0, 1 << 24),
             rope_theta=float(self._key("rope.freq_base", float, 10000.0)),
             rms_eps=float(self._key("attention.layer_norm_rms_epsilon", float, 1e-6)),
         )
         self._check_experts(cfg)
         return cfg
 
-    def _vocab_from_tokens(self) -> int:
+    # ---- counts checked against the tensor table before anything is sized by them -----------
+    def _count(self, suffix: str, value: int, lo: int, hi: int, why: str = "") -> int:
+        if not lo <= value <= hi:
+            raise ModelConfigError(f"{self.path}: {self.arch}.{suffix} is {value}, expected {lo}..{hi}"
+                                   + (f" ({why})" if why else ""))
+        return value
+
+    def _dims(self, name: str) -> tuple[int, ...] | None:
+        t = self.tensors.get(name)
+        return None if t is None else tuple(int(d) for d in t.shape)
+
+    def _check_blocks(self, n_layers: int, leading_dense: int) -> None:
+        """block_count against the blk.N.* tensors the file holds; leading dense blocks within it."""
+        blocks = set()
+        for name in self.tensors:
+            if name.startswith("blk."):
+                head = name[4:].split(".", 1)[0]
+                if head.isdigit():
+                    blocks.add(int(head))
+        self._count("block_count", n_layers, 1, len(blocks),
+                    f"the file holds tensors for {len(blocks)} blocks"
+                    + (f", blk.{min(blocks)} .. blk.{max(blocks)}" if blocks else ""))
+        missing = next((i for i in range(n_layers) if i not in blocks), None)
+        if missing is not None:
+            raise ModelConfigError(f"{self.path}: {self.arch}.block_count is {n_layers} but the file has no "
+                                   f"tensor blk.{missing}.* (expected every block 0..{n_layers - 1})")
+        self._count("leading_dense_block_count", leading_dense, 0, n_layers - 1,
+                    f"block_count is {n_layers} and at least one block must be MoE")
+
+    def _check_embedding(self, hidden: int) -> int:
+        """token_embd.weight (hidden, vocab) against embedding_length, vocab_size and the token list;
+        returns the vocabulary size."""
+        dims = self._dims("token_embd.weight")
+        if dims is None:
+            raise ModelConfigError(f"{self.path}: tensor 'token_embd.weight' is missing")
+        if len(dims) != 2 or dims[0] != hidden:
+            raise ModelConfigError(f"{self.path}: tensor 'token_embd.weight' has dims {dims}, expected "
+                                   f"({hidden}, vocab) from {self.arch}.embedding_length={hidden}")
+        vocab = dims[1]
+        meta = self._key("vocab_size", int, None)
+        if meta is not None and meta != vocab:
+            raise ModelConfigError(f"{self.path}: {self.arch}.vocab_size is {meta} but token_embd.weight has "
+                                   f"{vocab} rows (expected equal)")
         f = self.reader.fields.get("tokenizer.ggml.tokens")
-        if f is not None:
-            return len(f.data)
-        t = self.tensors.get("token_embd.weight")
-        return int(t.shape[1]) if t is not None else 0
+        if f is not None and len(f.data) != vocab:
+            raise ModelConfigError(f"{self.path}: tokenizer.ggml.tokens holds {len(f.data)} tokens but "
+                                   f"token_embd.weight has {vocab} rows (expected equal)")
+        for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+            g = self.reader.fields.get(key)
+            if g is not None and len(g.data) != vocab:
+                raise ModelConfigError(f"{self.path}: {key} has {len(g.data)} entries, expected {vocab} "
+                                       "(one per token)")
+        return vocab
+
+    def _check_heads(self, hidden: int, n_heads: int, n_kv_heads: int) -> None:
+        """Head counts and head dims against block 0's attention tensors."""
+        self._count("attention.head_count", n_heads, 1, hidden)
+        self._count("attention.head_count_kv", n_kv_heads, 1, n_heads)
+        if n_heads % n_kv_heads:
+            raise ModelConfigError(f"{self.path}: {self.arch}.attention.head_count {n_heads} is not a multiple of "
+                                   f"attention.head_count_kv {n_kv_heads}")
+        key_len = self._key("attention.key_length", int, 0)
+        val_len = self._key("attention.value_length", int, 0)
+
+        def want(name: str, expected: tuple[int, ...], why: str) -> None:
+            got = self._dims(name)
+            if got is None:
+                raise ModelConfigError(f"{self.path}: tensor {name!r} is missing")
+            if got != expected:
+                raise ModelConfigError(f"{self.path}: tensor {name!r} has dims {got}, expected {expected} "
+                                       f"from metadata {why}")
+
+        if self.arch == "deepseek2":
+            kv_lora = self._key("attention.kv_lora_rank", int, None)
+            if kv_lora is None:
+                raise ModelConfigError(f"{self.path}: metadata key 'deepseek2.attention.kv_lora_rank' is missing")
+            rope = self._key("rope.dimension_count", int, None)
+            if rope is None:
+                raise ModelConfigError(f"{self.path}: metadata key 'deepseek2.rope.dimension_count' is missing")
+            qk = self._key("attention.key_length_mla", int, 0) or key_len
+            self._count("attention.kv_lora_rank", kv_lora, 1, 1 << 20)
+            self._count("attention.key_length" + ("_mla" if self._key("attention.key_length_mla", int, 0) else ""),
+                        qk, 1, 1 << 16)
+            self._count("rope.dimension_count", rope, 2, qk, "part of each query/key head")
+            want("blk.0.attn_kv_a_mqa.weight", (hidden, kv_lora + rope),
+                 f"embedding_length={hidden}, kv_lora_rank={kv_lora} + rope.dimension_count={rope}")
+            q = "blk.0.attn_q_b.weight" if "blk.0.attn_q_b.weight" in self.tensors else "blk.0.attn_q.weight"
+            dims = self._dims(q)
+            if dims is None or len(dims) != 2 or dims[1] != n_heads * qk:
+                raise ModelConfigError(f"{self.path}: tensor {q!r} has dims {dims}, expected (*, {n_heads * qk}) "
+                                       f"from metadata head_count={n_heads} x key length {qk}")
+            return
+        head = key_len or hidden // n_heads
+        self._count("attention.key_length", head, 1, 1 << 16)
+        if val_len and val_len != head:
+            self._count("attention.value_length", val_len, head, head, "transformers' classes have one head_dim")
+        want("blk.0.attn_q.weight", (hidden, n_heads * head), f"embedding_length={hidden}, head_count={n_heads} x "
+             f"head dim {head}")
+        want("blk.0.attn_k.weight", (hidden, n_kv_heads * head), f"embedding_length={hidden}, head_count_kv="
+             f"{n_kv_heads} x head dim {head}")
 
     def _check_experts(self, cfg: MoEConfig) -> None:
         found_any = False

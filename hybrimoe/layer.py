@@ -10,12 +10,13 @@ calibrated cost model, the scheduler mode, the prefetcher and the statistics. Ea
              -> GPU part (Triton, waits only on its slots) -> prefetch for L+1..L+h
              -> y = y_gpu + cpu.wait() + shared(x)
 
-Without CUDA: `emulate_gpu=True` keeps the GPU part on the host (slot arenas in host memory,
-the "GPU" experts computed by the CPU kernels on slot views), so the cache, scheduler, prefetch
-and slot addressing run for real in tests; `emulate_gpu="triton"` computes that GPU part with the
-real GPU path's code instead (slot table, `gpu.moe_forward` over the host arena, in Triton's
-interpreter: TRITON_INTERPRET=1; tests only, it is slow); `emulate_gpu=False` runs every routed
-expert on the CPU kernels (mode cpu-only), which is what a CPU-only machine should do.
+Without CUDA (RuntimeConfig.gpu, the GPU side): "emulated" keeps the GPU part on the host (slot
+arenas in host memory, the "GPU" experts computed by the CPU kernels on slot views), so the cache,
+scheduler, prefetch and slot addressing run for real in tests; "emulated-triton" computes that GPU
+part with the real GPU path's code instead (slot table, `gpu.moe_forward` over the host arena, in
+Triton's interpreter: TRITON_INTERPRET=1; tests only, it is slow); "none" runs every routed expert
+on the CPU kernels (mode cpu-only), which is what a CPU-only machine should do. (`emulate_gpu=True`
+/ `"triton"` / `False` is the older spelling of the same three.)
 """
 
 from __future__ import annotations
@@ -37,9 +38,14 @@ from .errors import HybrimoeError, ModelConfigError
 from .formats import QuantTensor
 from .prefetch import Prediction, Prefetcher, idle_budget
 from .reference import RoutingConfig
-from .scheduler import MODES, plan as make_plan
+from .scheduler import MODES
+from .step import decide, release
+from .step import prefetch as prefetch_step
 from .store import expert_views
 from .transfer import TransferEngine
+
+
+GPU_SIDES = ("cuda", "emulated", "emulated-triton", "none")
 
 
 @dataclass(frozen=True)
@@ -49,10 +55,16 @@ class RuntimeConfig:
     prefetch_size: experts prefetched per layer (0 = off); horizon: layers looked ahead.
     cpu_threads: CPU expert-kernel threads (default: the physical cores, less one on CUDA, where
     the Python thread drives the GPU meanwhile). device: 'cuda' / 'cpu' / None (CUDA when
-    available). emulate_gpu: on a host without CUDA, run the GPU side on the CPU (tests; True: CPU
-    kernels, "triton": the Triton kernels in the interpreter; see module docstring). costs: path
-    of a cost-model JSON or None to calibrate at start-up (cached per machine and shapes in
-    cache_dir), or "paper-a6000[:model]" for the paper's testbed (datasheet numbers)."""
+    available). gpu: the GPU side (GPU_SIDES): "cuda" (the real one), "emulated" (on a host
+    without CUDA, slot arenas in host memory, the GPU experts computed by the CPU kernels: tests),
+    "emulated-triton" (the same, computed by the Triton kernels in the interpreter), "none" (every
+    routed expert on the CPU); None: "cuda" when the device is CUDA, else from `emulate_gpu`
+    (older spelling: True = "emulated", "triton" = "emulated-triton", False = "none"). costs: a
+    CostModel, the path of a cost-model JSON, "paper-a6000[:model]" (the paper's testbed,
+    datasheet numbers), or None to calibrate at start-up (cached per machine and shapes in
+    cache_dir). record_routing: keep every layer's routing (generate --trace-out;
+    `routing_trace()`). record_decisions: keep every LayerDecision / PrefetchDecision
+    (`runtime.decisions`)."""
 
     cache_size: int | None = None
     gpu_budget: int | None = None
@@ -61,15 +73,32 @@ class RuntimeConfig:
     prefetch_size: int = 0
     horizon: int = 3
     device: str | None = None
+    gpu: str | None = None
     emulate_gpu: bool | str = False
     cpu_threads: int | None = None
-    costs: str | None = None
+    costs: "str | CostModel | None" = None
     cache_dir: str | None = None
     warm: str = "first"
     static_counts: np.ndarray | None = field(default=None, compare=False)
     record_timeline: bool = False
     seed_model: str = "deepseek"
     prefetch_chunk_bytes: int = 1 << 20  # granularity of prefetch copies (demand loads overtake between chunks)
+    record_routing: bool = False
+    record_decisions: bool = False
+
+    def gpu_side(self, device: torch.device) -> str:
+        """The GPU side this configuration asks for on `device` (see the class docstring)."""
+        if self.emulate_gpu not in (False, True, "triton"):
+            raise HybrimoeError(f"emulate_gpu must be False, True or 'triton', found {self.emulate_gpu!r}")
+        cuda = device.type == "cuda"
+        if self.gpu is None:
+            return "cuda" if cuda else {False: "none", True: "emulated", "triton": "emulated-triton"}[self.emulate_gpu]
+        if self.gpu not in GPU_SIDES:
+            raise HybrimoeError(f"gpu side {self.gpu!r} (expected one of {', '.join(GPU_SIDES)})")
+        if (self.gpu == "cuda") != cuda:
+            raise HybrimoeError(f"gpu side {self.gpu!r} does not go with device {device.type!r}"
+                                + (" (use device 'cuda')" if self.gpu == "cuda" else " (use device 'cpu')"))
+        return self.gpu
 
 
 @dataclass
@@ -78,6 +107,7 @@ class LayerStats:
     hits: int = 0
     misses: int = 0
     loads: int = 0
+    refused: int = 0  # planned loads the cache had no slot for (run on the CPU)
     on_gpu: int = 0  # experts computed on the GPU (hits + loads)
     on_cpu: int = 0
     tokens_gpu: int = 0  # (token, expert) pairs
@@ -169,23 +199,23 @@ class HybridRuntime:
         self.moe_layers = tuple(store.layers)
         self.index = {layer: i for i, layer in enumerate(self.moe_layers)}
         self.n_experts, self.top_k = mc.n_experts, mc.top_k
-        want = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        emulated = cfg.gpu in ("emulated", "emulated-triton", "none")
+        want = cfg.device or ("cuda" if torch.cuda.is_available() and not emulated else "cpu")
         if want.startswith("cuda") and not torch.cuda.is_available():
             raise HybrimoeError("device 'cuda' requested but CUDA is not available on this machine "
                                 "(use --device cpu)")
         self.device = torch.device(want)
-        self.gpu_real = self.device.type == "cuda"
-        if cfg.emulate_gpu not in (False, True, "triton"):
-            raise HybrimoeError(f"emulate_gpu must be False, True or 'triton', found {cfg.emulate_gpu!r}")
-        self.gpu_enabled = self.gpu_real or bool(cfg.emulate_gpu)
+        self.gpu_side = cfg.gpu_side(self.device)
+        self.gpu_real = self.gpu_side == "cuda"
+        self.gpu_enabled = self.gpu_side != "none"
         # the GPU share goes through gpu.moe_forward (on CUDA, or in Triton's interpreter)
-        self.gpu_triton = self.gpu_real or cfg.emulate_gpu == "triton"
-        if self.gpu_triton and not self.gpu_real:
+        self.gpu_triton = self.gpu_side in ("cuda", "emulated-triton")
+        if self.gpu_side == "emulated-triton":
             from .gpu import _interpreting
 
             if not _interpreting():
-                raise HybrimoeError("emulate_gpu='triton' on a host without CUDA needs TRITON_INTERPRET=1 "
-                                    "in the environment before Triton is first imported")
+                raise HybrimoeError("the 'emulated-triton' GPU side (emulate_gpu='triton') on a host without CUDA "
+                                    "needs TRITON_INTERPRET=1 in the environment before Triton is first imported")
         self.schedule = cfg.schedule if self.gpu_enabled else "cpu-only"
         self.cpu = _cpu_module()
         if self.cpu is not None and cfg.cpu_threads:
@@ -226,8 +256,7 @@ class HybridRuntime:
             for i, layer in enumerate(self.moe_layers):
                 for e, s in self.cache.resident(i).items():
                     self.transfers.load(self._pool(i), s, self._span(layer, e))
-            self.transfers.stats = type(self.transfers.stats)()  # warm-up copies are not run-time traffic
-            self.transfers.events.clear()
+            self.transfers.reset_stats()  # warm-up copies are not run-time traffic
         self.costs = self._costs()
         self.prefetcher = Prefetcher(self.costs, cfg.prefetch_size, cfg.horizon,
                                      self.schedule) if cfg.prefetch_size > 0 and self.gpu_enabled else None
@@ -237,8 +266,9 @@ class HybridRuntime:
         self._router_stack = None  # every MoE layer's router (n_layers*E, H) float, for look-ahead
         self.stats = {layer: LayerStats() for layer in self.moe_layers}
         self.timeline: list[dict] = []
-        self.step = 0
-        self.record_routing = False  # generate --trace-out: keep every layer's routing
+        self.decisions: list[tuple] = []  # (step, LayerDecision | PrefetchDecision) with record_decisions
+        self._step = 0
+        self.record_routing = cfg.record_routing
         self._routing_log: list[tuple[int, int, np.ndarray, np.ndarray]] = []
         # Benchmarks only: route_override(layer, x) -> (ids, weights, probs) or None replaces the
         # router's choice (routing replayed from a real trace); kernels, cache and transfers run as usual.
@@ -249,6 +279,26 @@ class HybridRuntime:
         self._cpu_out_read = None
         self._cpu_out_job = None
         self.closed = False
+
+    @property
+    def step(self) -> int:
+        """Steps since the start of the sequence: 0 = the prefill, then one per decoded token
+        (routing records and timelines are keyed by it). Moved by `new_sequence` / `next_step`."""
+        return self._step
+
+    @step.setter
+    def step(self, value) -> None:
+        raise HybrimoeError("runtime.step is the runtime's own counter: call runtime.new_sequence() before a "
+                            "prompt and runtime.next_step() before each decoded token")
+
+    def new_sequence(self) -> None:
+        """A new prompt: the next layer calls belong to its prefill (step 0)."""
+        self._step = 0
+
+    def next_step(self) -> int:
+        """The next layer calls belong to the next decoded token; returns its step number."""
+        self._step += 1
+        return self._step
 
     def close(self) -> None:
         """Finish the copies in flight and drop queued prefetches; call before dropping a runtime
@@ -352,6 +402,8 @@ class HybridRuntime:
     # -------------------------------------------------------------------------- costs
     def _costs(self) -> CostModel:
         cfg = self.config
+        if isinstance(cfg.costs, CostModel):
+            return cfg.costs
         if cfg.costs:  # a calibration file, or 'paper-a6000[:model]' (the paper's testbed, datasheet numbers)
             return resolve_costs(cfg.costs, "mixtral" if self.n_experts == 8 else "deepseek-v2-lite")
         lay = self.layouts[0]
@@ -520,28 +572,23 @@ class HybridRuntime:
         counts = counts[experts]
         if self.record_routing:
             self._routing_log.append((self.step, layer, ids_np.copy(), np.take_along_axis(p_np, ids_np, 1)))
-        if self.prefetcher is not None:
-            self.prefetcher.record(i, experts)
-        if self.cache.policy == "mrs":
-            self.cache.observe(i, p_np)
-        slots_before = self.cache.access(i, experts)
-        hits = sum(s is not None for s in slots_before)
-        st.hits += hits
-        st.misses += len(experts) - hits
-        p = make_plan(i, experts, counts, self.cache, self.costs, self.schedule, seed_model=self.config.seed_model)
+        # observe -> access -> plan -> pin -> admit: the sequence the simulator drives too (hybrimoe.step)
+        d = decide(self.cache, self.costs, self.schedule, i, experts, counts,
+                   p_np if self.cache.policy == "mrs" else None, prefetcher=self.prefetcher,
+                   seed_model=self.config.seed_model)
+        if self.config.record_decisions:
+            self.decisions.append((self.step, d))
+        st.hits += d.hits
+        st.misses += len(experts) - d.hits
+        st.refused += len(d.refused)
+        p = d.plan
         pool = self._pool(i)
-        self.cache.pin(i, experts)
-        slot_of: dict[int, int] = {e: self.cache.lookup(i, e) for e in p.gpu}
+        slot_of = d.slots
         cpu_list = list(p.cpu)
-        for e in p.loads:  # demand loads first
-            slot, _evicted = self.cache.admit(i, e, protect=experts)
-            if slot is None:  # nothing evictable: compute it on the CPU instead
-                cpu_list.append(e)
-                continue
+        for e, slot in d.loads:  # demand loads first
             self.transfers.load(pool, slot, self._span(layer, e))
-            st.loads += 1
-            st.bytes_moved += self.layouts[i].weight_bytes
-            slot_of[e] = slot
+        st.loads += len(d.loads)
+        st.bytes_moved += len(d.loads) * self.layouts[i].weight_bytes
         # CPU part: one fused call, submitted before the GPU part so both run together
         # host copies only when the host computes something (on CUDA each is a device->host copy)
         need_host = bool(cpu_list) or not self.gpu_real
@@ -606,7 +653,7 @@ class HybridRuntime:
         # worth this layer's predicted idle link time (demand loads of the next layer come after)
         if self.prefetcher is not None:
             self._prefetch(i, la_np, p)
-        if self.transfers._pending:
+        if self.transfers.has_pending():
             self.transfers.pump(max(0.0, p.makespan - p.pcie_end) * self._link_bw(i))
         st.prefetch_s += time.perf_counter() - t_gpu1
         return _Pending(layer, i, x, fut, y, p, t_start, t_cpu0, t_gpu0, t_gpu1)
@@ -629,7 +676,7 @@ class HybridRuntime:
             y = y_cpu if y_cpu is not None else torch.zeros(T_, H, dtype=torch.float32, device=x.device)
         elif y_cpu is not None:
             y = y + y_cpu
-        self.cache.unpin(i)
+        release(self.cache, i)
         st.total_s += time.perf_counter() - t_start
         if self.config.record_timeline:
             self.timeline.append({"step": self.step, "layer": layer, "t0": t_start, "cpu": (t_cpu0, t_cpu1),
@@ -700,14 +747,12 @@ class HybridRuntime:
                    + self.transfers.prefetches_in_flight() * self.costs.transfer_time(i))
         idle = idle_budget(i, p.makespan, p.pcie_end, 0.0, backlog, self.prefetcher.horizon, len(self.moe_layers),
                            spans_layers=True)
-        orders = self.prefetcher.choose(i, preds, self.cache, idle_before=idle)
-        for o in orders:
-            slot, _ = self.cache.admit(o.layer, o.expert, prefetch=True,
-                                       protect=preds[o.layer].experts)
-            if slot is None:
-                continue
+        for pd in prefetch_step(self.cache, self.prefetcher, i, preds, idle_before=idle):
+            o = pd.order
+            if self.config.record_decisions:
+                self.decisions.append((self.step, pd))
             layer = self.moe_layers[o.layer]
-            self.transfers.load(self._pool(o.layer), slot, self._span(layer, o.expert), prefetch=True)
+            self.transfers.load(self._pool(o.layer), pd.slot, self._span(layer, o.expert), prefetch=True)
             self.stats[self.moe_layers[i]].prefetch_issued += 1
 
     def routing_trace(self, name: str = "hybrimoe run"):

@@ -7,10 +7,10 @@
 
 Per step (one decode token, or a `chunk` of prefill tokens) and per MoE layer L:
     GPU  dense part of L (attention, shared experts)                      costs.dense_time
-    cache.observe(L, scores); cache.access(L, activated)                  hit/miss statistics
     in-flight prefetches of L's activated experts become L's first transfers (demand priority)
-    plan = scheduler.plan(L, ...)                                          the same object as the runtime
-    loads admitted (never evicting experts pinned for L), lanes advance by the plan's times
+    hybrimoe.step.decide: observe -> access -> plan -> pin -> admit, the runtime's own sequence
+    (the same cache, scheduler and prefetcher objects); a load the cache refuses runs on the CPU
+    and the plan is re-timed that way; lanes advance by the plan's times
     prefetcher.choose(...) with predictions for L+1..L+3; prefetches queue on the PCIe lane in the
     idle time the plan leaves (they never delay a demand load; see `simulate`'s pcie models)
 Layer time = dense + plan.makespan; the next layer starts when both CPU and GPU are done.
@@ -42,7 +42,8 @@ import numpy as np
 from .cache import ExpertCache
 from .costs import CostModel, resolve
 from .prefetch import Prediction, Prefetcher, idle_budget
-from .scheduler import plan
+from .step import decide, release
+from .step import prefetch as prefetch_step
 from .traces import Trace, load_trace
 
 POLICIES = ("mrs", "lru", "lfu", "static")
@@ -219,12 +220,9 @@ def simulate(trace: Trace, cache: ExpertCache, costs: CostModel, mode: str = "hy
             t += costs.dense_time(layer, T)
             advance(t)
             ids, cnt = np.unique(trace.expert_ids[step, layer].ravel(), return_counts=True)
-            cache.observe(layer, trace.score_matrix(step, layer))
-            cache.access(layer, ids)
+            # in-flight prefetches of experts this layer uses go first on the link (residency is
+            # what the previous layers left: observe/access below change no residency)
             in_flight_hits += sum(1 for j in queue if j[0] == layer and j[1] in ids)
-            if prefetcher is not None:
-                prefetcher.record(layer, ids)
-            # in-flight prefetches of experts this layer uses go first on the link
             act = set(ids.tolist())
             ready, busy = {}, 0.0
             keep = []
@@ -240,35 +238,34 @@ def simulate(trace: Trace, cache: ExpertCache, costs: CostModel, mode: str = "hy
                 head_block = queue.pop(0)[2]
                 ready = {e: r + head_block for e, r in ready.items()}
                 busy += head_block
-            pl = plan(layer, ids, cnt, cache, costs, mode, pcie_busy=busy, ready=ready, with_events=log)
-            cache.pin(layer, pl.gpu)
-            for e in pl.loads:
-                _, ev = cache.admit(layer, e)
-                if ev is not None:
-                    queue[:] = [j for j in queue if (j[0], j[1]) != ev]
-                cache.pin(layer, [e])
+            # observe -> access -> plan -> pin -> admit, the runtime's own sequence (hybrimoe.step):
+            # a load the cache refuses runs on the CPU, and d.plan is timed that way
+            d = decide(cache, costs, mode, layer, ids, cnt, trace.score_matrix(step, layer), prefetcher=prefetcher,
+                       pcie_busy=busy, ready=ready, with_events=log)
+            pl = d.plan
+            for ev in d.evicted:
+                queue[:] = [j for j in queue if (j[0], j[1]) != ev]
             pcie_free = t + pl.pcie_end
             q_time = max(q_time, t)
             end = t + pl.makespan
             if log:
                 rows.append({"layer": layer, "start": t, "pcie_busy": busy, "promoted": sorted(ready),
                              "head_block": head_block,
-                             "backlog": sum(j[2] for j in queue), "plan": pl})
+                             "backlog": sum(j[2] for j in queue), "plan": pl, "decision": d, "prefetches": []})
             if prefetcher is not None and predictor is not None:
                 preds = predictor.predict(step, layer, prefetcher.horizon)
                 nd = costs.dense_time(layer + 1, T) if layer + 1 < L else 0.0
                 backlog = sum(j[2] for j in queue)
                 idle = idle_budget(layer, pl.makespan, pl.pcie_end, nd, backlog, prefetcher.horizon, L,
                                    spans_layers=(pcie == "preemptive"))
-                for o in prefetcher.choose(layer, preds, cache, idle_before=idle):
-                    slot, ev = cache.admit(o.layer, o.expert, prefetch=True,
-                                           protect=preds[o.layer].experts)
-                    if slot is None:
-                        continue
-                    if ev is not None:
-                        queue[:] = [j for j in queue if (j[0], j[1]) != ev]
+                for pd in prefetch_step(cache, prefetcher, layer, preds, idle_before=idle):
+                    o = pd.order
+                    if log:
+                        rows[-1]["prefetches"].append(pd)
+                    if pd.evicted is not None:
+                        queue[:] = [j for j in queue if (j[0], j[1]) != pd.evicted]
                     queue.append([o.layer, o.expert, o.transfer, o.transfer])  # layer, expert, left, total
-            cache.unpin(layer)
+            release(cache, layer)
             advance(end)
             t = end
         if predictor is not None:

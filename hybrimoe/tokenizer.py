@@ -118,12 +118,15 @@ def load_tokenizer(gguf_model, tokenizer_dir: str | os.PathLike | None = None):
     if kind is None or not tokens:
         raise ModelConfigError(f"{where}: no tokenizer in the GGUF metadata (tokenizer.ggml.model / tokens); {hint}")
     tokens = [str(t) for t in tokens]
-    if kind == "gpt2":
-        tok = _bpe_tokenizer(gguf_model, tokens)
-    elif kind == "llama":
-        tok = _spm_tokenizer(gguf_model, tokens)
-    else:
+    if kind not in ("gpt2", "llama"):
         raise ModelConfigError(f"{where}: tokenizer.ggml.model {kind!r} is not supported (gpt2, llama); {hint}")
+    try:
+        tok = _bpe_tokenizer(gguf_model, tokens) if kind == "gpt2" else _spm_tokenizer(gguf_model, tokens)
+    except ModelConfigError:
+        raise
+    except Exception as e:  # the tokenizers library raises plain Exception for a bad vocab or merge
+        raise ModelConfigError(f"{where}: the tokenizer in the GGUF metadata cannot be built "
+                               f"({type(e).__name__}: {e}); {hint}") from None
 
     def special(key):
         i = _get(gguf_model, key, int, None)
@@ -136,6 +139,9 @@ def load_tokenizer(gguf_model, tokenizer_dir: str | os.PathLike | None = None):
     bos, eos = special("tokenizer.ggml.bos_token_id"), special("tokenizer.ggml.eos_token_id")
     unk, pad = special("tokenizer.ggml.unknown_token_id"), special("tokenizer.ggml.padding_token_id")
     ttypes = _get(gguf_model, "tokenizer.ggml.token_type", None, None) or []
+    if len(ttypes) > len(tokens):
+        raise ModelConfigError(f"{where}: tokenizer.ggml.token_type has {len(ttypes)} entries, expected at most "
+                               f"{len(tokens)} (one per token)")
     from tokenizers import AddedToken
 
     # control tokens (type 3) must never be split or merged by BPE

@@ -307,3 +307,105 @@ def test_split_expert_missing_or_mixed_types_are_named(split_pair, tmp_path):
     del r
     with pytest.raises(ModelConfigError, match=r"blk\.2\.ffn_gate have different types \(Q4_0, Q4_K\)"):
         GGUFModel(p)
+
+
+# ------------------------------------ counts and offsets checked at open (issue 16) ----------
+def test_misaligned_tensor_offset_is_refused(tiny_path, tmp_path):
+    """A data offset that is not a multiple of general.alignment (32 here) is refused, naming the
+    tensor, the offset and the alignment (llama.cpp refuses it too); the aligned original opens."""
+    p = _copy(tiny_path, tmp_path)
+    r, f = _tensor_field(p, "blk.1.ffn_down_exps.weight")
+    assert int(f.parts[5][0]) % 32 == 0
+    f.parts[5][0] = int(f.parts[5][0]) + 16  # still inside the file: only the alignment is wrong
+    r.data.flush()
+    del r
+    with pytest.raises(GGUFFormatError, match=r"'blk.1.ffn_down_exps.weight'.*offset \d+ is not a multiple of "
+                                              r"general.alignment \(32\)"):
+        GGUFModel(p)
+    GGUFModel(tiny_path)
+
+
+@pytest.mark.parametrize("value", [5, 2**31, 2**32 - 1])
+def test_block_count_beyond_the_file_is_refused_before_allocation(tiny_path, tmp_path, value):
+    """block_count larger than the blocks the file holds: one error naming the key, the value and
+    the blocks found, fast and without allocating by the count (the issue's 2^31 case sized a tuple
+    of every layer index before noticing)."""
+    import tracemalloc
+
+    p = _copy(tiny_path, tmp_path)
+    _set_kv(p, "deepseek2.block_count", value)
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(ModelConfigError, match=rf"deepseek2.block_count is {value}, expected 1..4 "
+                                                   r"\(the file holds tensors for 4 blocks"):
+            GGUFModel(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - t0 < 5.0
+    assert peak < 4 * os.path.getsize(p), peak
+
+
+def test_counts_that_disagree_with_tensors_are_named(tiny_path, tmp_path):
+    """Each metadata count a loader sizes things by, set to a value the tensor table contradicts:
+    ModelConfigError naming the key or tensor, the expected and the found value."""
+    cases = [
+        ("deepseek2.block_count", 0, r"block_count is 0, expected 1..4"),
+        ("deepseek2.leading_dense_block_count", 4, r"leading_dense_block_count is 4, expected 0..3"),
+        ("deepseek2.embedding_length", 4096, r"'token_embd.weight' has dims \(256, \d+\), expected \(4096, vocab\)"),
+        ("deepseek2.vocab_size", 1 << 30, r"vocab_size is 1073741824 but token_embd.weight has \d+ rows"),
+        ("deepseek2.attention.head_count", 0, r"head_count is 0, expected 1..256"),
+        ("deepseek2.attention.head_count", 8, r"'blk.0.attn_q.weight' has dims \(256, 192\), expected \(\*, 384\)"),
+        ("deepseek2.attention.head_count_kv", 5, r"head_count_kv is 5, expected 1..4"),
+        ("deepseek2.attention.kv_lora_rank", 1 << 31, r"kv_lora_rank is 2147483648, expected 1..1048576"),
+        ("deepseek2.rope.dimension_count", 1 << 20, r"rope.dimension_count is 1048576, expected 2..48"),
+        ("deepseek2.attention.key_length", 40, r"rope.dimension_count is 16|attn_kv_a_mqa|attn_q.weight' has dims"),
+    ]
+    for key, value, pattern in cases:
+        p = _copy(tiny_path, tmp_path, f"{key}-{value}.gguf")
+        _set_kv(p, key, value)
+        with pytest.raises(ModelConfigError, match=pattern) as ei:
+            GGUFModel(p)
+        assert str(p) in str(ei.value)
+
+
+def test_token_list_longer_than_embedding_is_refused(tmp_path):
+    """tokenizer.ggml.tokens with more entries than token_embd.weight has rows (llama.cpp requires
+    them equal): named at open, not an index error in the tokenizer or a logits shape later."""
+    cfg = synth.PRESETS["tiny-olmoe"]
+    p = str(tmp_path / "m.gguf")
+    synth.write_gguf(cfg, p)
+    r, f = _tensor_field(p, "token_embd.weight")
+    n = int(f.parts[3][1])
+    f.parts[3][1] = n - 1  # one row fewer (the bytes stay; only the dims lie)
+    r.data.flush()
+    del r
+    with pytest.raises(ModelConfigError, match=rf"olmoe.vocab_size is {n} but token_embd.weight has {n - 1} rows"):
+        GGUFModel(p)
+    _set_kv(p, "olmoe.vocab_size", n - 1)  # the key agrees with the tensor; the token list still does not
+    with pytest.raises(ModelConfigError, match=rf"tokenizer.ggml.tokens holds {n} tokens but token_embd.weight "
+                                               rf"has {n - 1} rows"):
+        GGUFModel(p)
+
+
+def test_lying_kv_count_and_array_length_are_refused_by_the_bytes_left(tiny_path, tmp_path):
+    """kv_count and an array length far beyond what the file's bytes can hold: refused before the
+    reader loops over them, naming the count (and the key for an array)."""
+    p = _copy(tiny_path, tmp_path)
+    r = gguf.GGUFReader(p, "r+")
+    r.fields["GGUF.kv_count"].parts[0][0] = 1 << 40
+    r.data.flush()
+    del r
+    with pytest.raises(GGUFFormatError, match=r"GGUF.kv_count \(metadata keys\) is 1099511627776"):
+        GGUFModel(p)
+    p = _copy(tiny_path, tmp_path, "arr.gguf")
+    r = gguf.GGUFReader(p, "r+")
+    f = r.fields["tokenizer.ggml.token_type"]
+    f.parts[4][0] = 1 << 33  # parts: key len, key, value type, item type, length, items...
+    r.data.flush()
+    del r
+    t0 = time.perf_counter()
+    with pytest.raises(GGUFFormatError, match=r"'tokenizer.ggml.token_type': array length is 8589934592"):
+        GGUFModel(p)
+    assert time.perf_counter() - t0 < 5.0
