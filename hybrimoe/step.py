@@ -80,6 +80,9 @@ def decide(cache, costs, mode: str, layer: int, experts, counts, scores: np.ndar
     scores: (T, E) router scores for the MRS update, or None. pcie_busy / ready: as scheduler.plan.
     The layer stays pinned until `release(cache, layer)`."""
     experts = np.asarray(experts, np.int64).ravel()
+    if getattr(cache, "native", False):  # hybrimoe.engine.NativeCache: the same sequence in one native call
+        return _decide_native(cache, costs, mode, layer, experts, counts, scores, prefetcher, pcie_busy, ready,
+                              seed_model, with_events)
     if scores is not None:
         cache.observe(layer, scores)
     if prefetcher is not None:
@@ -105,6 +108,38 @@ def decide(cache, costs, mode: str, layer: int, experts, counts, scores: np.ndar
                      pcie_busy=pcie_busy, ready=ready, mode=mode, with_events=with_events)
     return LayerDecision(layer, tuple(experts.tolist()), tuple(int(c) for c in np.asarray(counts).ravel()), hits,
                          planned, p, slots, tuple(loads), tuple(refused), tuple(evicted))
+
+
+def _decide_native(cache, costs, mode, layer, experts, counts, scores, prefetcher, pcie_busy, ready, seed_model,
+                   with_events) -> LayerDecision:
+    if prefetcher is not None:
+        prefetcher.record(layer, experts)
+    h, li, t = cache.decide(costs, mode, layer, experts, counts, scores, pcie_busy=pcie_busy, ready=ready,
+                            seed_model=seed_model)
+    cnt = [int(c) for c in np.asarray(counts).ravel()]
+    cmap = dict(zip(experts.tolist(), cnt))
+    gpu, loads, cpu = tuple(li["gpu"].tolist()), tuple(li["loads"].tolist()), tuple(li["cpu"].tolist())
+    admitted, refused = li["admitted"].tolist(), tuple(li["refused"].tolist())
+    if with_events:  # the lanes' events: the same placement timed again (the times are equal)
+        planned = timeline(layer, gpu, loads, cpu, cmap, costs, pcie_busy=pcie_busy, ready=ready, mode=mode,
+                           with_events=True)
+    else:
+        planned = Plan(layer, mode, gpu, loads, cpu, cmap, float(t[0]), float(t[1]), float(t[2]), float(t[3]))
+    p = planned
+    if refused:
+        cpu_final = tuple(li["cpu_final"].tolist())
+        if with_events:
+            p = timeline(layer, gpu, admitted, cpu_final, cmap, costs, pcie_busy=pcie_busy, ready=ready, mode=mode,
+                         with_events=True)
+        else:
+            p = Plan(layer, mode, gpu, tuple(admitted), cpu_final, cmap, float(t[4]), float(t[5]), float(t[6]),
+                     float(t[7]))
+    slots = dict(zip(gpu, li["gpu_slots"].tolist()))
+    a_slots = li["admitted_slots"].tolist()
+    slots.update(zip(admitted, a_slots))
+    ev = li["evicted"].tolist()
+    return LayerDecision(layer, tuple(experts.tolist()), tuple(cnt), int(h["hits"]), planned, p, slots,
+                         tuple(zip(admitted, a_slots)), refused, tuple(zip(ev[0::2], ev[1::2])))
 
 
 def prefetch(cache, prefetcher, layer: int, predictions: Mapping[int, Prediction], *,

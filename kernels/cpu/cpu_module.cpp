@@ -525,7 +525,10 @@ class Handle {
 using namespace hybrimoe::cpu;
 using hybrimoe::QType;
 
+void register_engine(py::module_& m);  // engine.cpp: the native per-layer decision engine
+
 PYBIND11_MODULE(_cpu, m) {
+    register_engine(m);
     m.doc() = "hybrimoe CPU kernels on raw GGUF blocks (use hybrimoe.cpu, which validates inputs)";
     m.def("tier", &current_tier, "Active tier: 'ref', 'generic' or 'avx512'.");
     m.def("available_tiers", &available_tiers, "Tiers this CPU can run, slowest first.");
