@@ -341,6 +341,12 @@ class HybridRuntime:
         if not experts:
             return _SyncResult(None)
         if self.cpu is not None:
+            if not self.gpu_enabled:
+                # Nothing runs beside the job on a host without a (real or emulated) GPU: the calling
+                # thread runs it (GIL released), as one of the pool's threads. Queued on the driver
+                # thread instead, the job's threads and the waiting Python thread were one more
+                # than the cores of a 2-core box, and the submit itself stalled until the job ended.
+                return _SyncResult(self.cpu.moe_ffn(x, experts, toks, ws, out=out))
             return self.cpu.moe_ffn_submit(x, experts, toks, ws, out=out)
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32) if out is None else out
         for (g, u, d), t, w in zip(experts, toks, ws):
