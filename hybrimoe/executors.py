@@ -41,10 +41,11 @@ def _cpu_module():
 
 class CpuSide:
     """The CPU's share of each layer. store: the expert store (host blocks); pinned_out: the
-    output goes to a CUDA device (a pinned buffer, copied without a host sync)."""
+    output goes to a CUDA device (a pinned buffer, copied without a host sync); synchronous: nothing
+    runs beside the CPU job (no real or emulated GPU side), so the calling thread runs it."""
 
-    def __init__(self, store, pinned_out: bool):
-        self.store, self.pinned_out = store, pinned_out
+    def __init__(self, store, pinned_out: bool, synchronous: bool = False):
+        self.store, self.pinned_out, self.synchronous = store, pinned_out, synchronous
         self.cpu = _cpu_module()
         self._views: dict[tuple, tuple] = {}
         # CUDA: pinned buffer of the CPU experts' output, the event of its last copy to the device,
@@ -84,6 +85,12 @@ class CpuSide:
         if not experts:
             return _SyncResult(None)
         if self.cpu is not None:
+            if self.synchronous:
+                # Nothing runs beside the job on a host without a (real or emulated) GPU: the calling
+                # thread runs it (GIL released), as one of the pool's threads. Queued on the driver
+                # thread instead, the job's threads and the waiting Python thread were one more
+                # than the cores of a 2-core box, and the submit itself stalled until the job ended.
+                return _SyncResult(self.cpu.moe_ffn(x, experts, toks, ws, out=out))
             return self.cpu.moe_ffn_submit(x, experts, toks, ws, out=out)
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32) if out is None else out
         for (g, u, d), t, w in zip(experts, toks, ws):

@@ -174,7 +174,7 @@ class HybridRuntime:
                 raise HybrimoeError("the 'emulated-triton' GPU side (emulate_gpu='triton') on a host without CUDA "
                                     "needs TRITON_INTERPRET=1 in the environment before Triton is first imported")
         self.schedule = cfg.schedule if self.gpu_enabled else "cpu-only"
-        self.cpu_side = CpuSide(store, pinned_out=self.gpu_real)
+        self.cpu_side = CpuSide(store, pinned_out=self.gpu_real, synchronous=not self.gpu_enabled)
         self.cpu = self.cpu_side.cpu
         if self.cpu is not None and cfg.cpu_threads:
             self.cpu.set_num_threads(int(cfg.cpu_threads))

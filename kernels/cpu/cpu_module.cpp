@@ -621,6 +621,37 @@ PYBIND11_MODULE(_cpu, m) {
         },
         "Measurement only: memcpy on the kernel thread pool.");
 
+    m.def(
+        "_read_sum",
+        [](uint64_t src, uint64_t nbytes) {
+            // The read ceiling of microbench/cpu_kernels.py: every byte read once (a sum), split over
+            // the same pool and threads as the kernels, in the same 256 KiB chunks as _memcpy.
+            constexpr size_t CH = 256 << 10;
+            py::gil_scoped_release nogil;
+            std::lock_guard<std::mutex> lk(ctx().run_mu_);
+            const int n = (int)((nbytes + CH - 1) / CH);
+            std::vector<uint64_t> part((size_t)n);
+#if defined(__x86_64__) || defined(_M_X64)
+            const bool avx2 = features().avx2 && !g_generic_scalar;  // the testing aid picks the portable sum
+#else
+            const bool avx2 = false;
+#endif
+            ctx().pool().parallel_for(n, [&](int k, int) {
+                const size_t o = (size_t)k * CH, len = std::min<size_t>(CH, nbytes - o);
+                const uint8_t* p = ptr_of<const uint8_t>(src) + o;
+#if defined(__x86_64__) || defined(_M_X64)
+                part[k] = avx2 ? read_sum_avx2(p, len) : read_sum_portable(p, len);
+#else
+                part[k] = read_sum_portable(p, len);
+#endif
+            });
+            uint64_t s = 0;
+            for (uint64_t v : part) s += v;
+            return s;
+        },
+        "Measurement only: a streaming read on the kernel thread pool; returns the sum of the buffer as 64-bit\n"
+        "words mod 2^64 (for a length that is a multiple of 128).");
+
 #if defined(__x86_64__) || defined(_M_X64)
     m.def(
         "_gemm_q4k_f32act",
