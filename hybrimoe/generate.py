@@ -40,19 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf", help="GGUF MoE model (Q4_K_M); default: the embedded tiny synthetic model")
     p.add_argument("--preset", default="tiny", help="synthetic preset used when --gguf is not given")
     p.add_argument("--prompt", default="the quick brown fox", help="prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (0 = run the prompt only)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--cache-size", type=int, default=None, help="GPU-resident experts per MoE layer (default E/4)")
+    g.add_argument("--cache-size", type=int, default=None, help="GPU-resident experts per MoE layer, 0..E (default E/4; 0 = no cache, "
+                   "every expert is copied in when the GPU runs it)")
     g.add_argument("--gpu-budget", type=_parse_bytes, default=None, help="GPU bytes for experts, shared by layers")
     p.add_argument("--prefetch-size", type=int, default=0, help="experts prefetched per layer (0 = off)")
     p.add_argument("--policy", choices=("mrs", "lru", "lfu", "static"), default="mrs")
     p.add_argument("--schedule", choices=("hybrid", "kt-static", "gpu-only", "cpu-only", "seed"), default="hybrid")
-    p.add_argument("--cpu-threads", type=int, default=None, help="CPU kernel threads (default: physical cores; one less with CUDA, "
-                   "where the Python thread drives the GPU)")
+    p.add_argument("--cpu-threads", type=int, default=None, help="CPU kernel threads, 0..1024 (default or 0: physical "
+                   "cores; one less with CUDA, where the Python thread drives the GPU)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--torch-threads", type=int, default=None,
-                   help="threads of torch's own CPU ops (attention, norms); default 1 on a CPU device, "
-                        "where torch's OpenMP pool and the expert kernels' pool would fight for the cores")
+                   help="threads of torch's own CPU ops (attention, norms), 0..1024; default (or 0) 1 on a CPU "
+                        "device, where torch's OpenMP pool and the expert kernels' pool would fight for the cores")
     p.add_argument("--emulate-gpu", action="store_true",
                    help="without CUDA, run the GPU side on the host (exercises cache/scheduler/prefetch)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory when the GGUF's cannot be used")
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens of this total probability")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling, 0..2^63-1")
     p.add_argument("--dense", choices=("auto", "quant", "dequant"), default="auto",
                    help="non-expert weights: 'quant' keeps their GGUF blocks and runs them on the CPU kernels "
                         "(CPU only), 'dequant' makes float tensors on --device; auto: quant on a CPU device")
@@ -76,6 +77,33 @@ class _Fail(Exception):
     pass
 
 
+def check_args(args) -> None:
+    """Range of every numeric flag (those bounded by the model are checked again once it is open);
+    raises _Fail with one line naming the flag, the range and the value."""
+    import math
+
+    checks = (
+        ("--max-new-tokens", args.max_new_tokens, 0, None),
+        ("--cache-size", args.cache_size, 0, None),
+        ("--prefetch-size", args.prefetch_size, 0, None),
+        ("--cpu-threads", args.cpu_threads, 0, 1024),
+        ("--torch-threads", args.torch_threads, 0, 1024),
+        ("--top-k", args.top_k, 0, None),
+        ("--seed", args.seed, 0, 2**63 - 1),
+        ("--temperature", args.temperature, 0.0, None),
+    )
+    for flag, v, lo, hi in checks:
+        if v is None:
+            continue
+        if isinstance(v, float) and not math.isfinite(v) or v < lo or (hi is not None and v > hi):
+            want = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+            raise _Fail(f"{flag} must be {want}, found {v}")
+    if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        raise _Fail(f"--top-p must be in (0, 1], found {args.top_p}")
+    if args.gpu_budget is not None and args.gpu_budget <= 0:
+        raise _Fail(f"--gpu-budget must be a positive number of bytes, found {args.gpu_budget}")
+
+
 def load(args):
     """(model, tokenizer, runtime, gguf path) for the parsed arguments."""
     from . import synth
@@ -86,12 +114,7 @@ def load(args):
     from .store import ExpertStore
     from .tokenizer import load_tokenizer
 
-    for bad, msg in ((args.temperature < 0, f"--temperature must be >= 0, found {args.temperature}"),
-                     (not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], found {args.top_p}"),
-                     (args.top_k < 0, f"--top-k must be >= 0, found {args.top_k}"),
-                     (args.max_new_tokens < 0, f"--max-new-tokens must be >= 0, found {args.max_new_tokens}")):
-        if bad:
-            raise _Fail(msg)
+    check_args(args)
     path = args.gguf
     if path is None:
         path = synth.ensure_preset(args.preset)
@@ -105,6 +128,9 @@ def load(args):
         # 93 ms/token with 2, because both thread pools spin on the same two cores.
         torch.set_num_threads(max(1, args.torch_threads or 1))
     gm = GGUFModel(path)
+    for flag, v in (("--cache-size", args.cache_size), ("--prefetch-size", args.prefetch_size)):
+        if v is not None and v > gm.config.n_experts:
+            raise _Fail(f"{flag} must be in 0..{gm.config.n_experts} (the model's experts per layer), found {v}")
     # No explicit pack: the runtime packs a layer's experts into the pinned arena when it first
     # needs their spans (warm start on a GPU); a CPU-only run reads the mmap and copies nothing.
     store = ExpertStore(gm)

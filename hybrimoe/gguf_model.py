@@ -100,6 +100,19 @@ class _CheckedReader(GGUFReader):
         self._hm_key = "?"
         super().__init__(path, "r")
 
+    # gguf keeps the file as an np.memmap and slices it once per header value; memmap's Python-level
+    # __getitem__/__array_finalize__ cost more than the parsing itself. We parse a plain ndarray view
+    # of the same map (median open of the tiny model, 15 runs: gguf.GGUFReader 0.058 s, this
+    # reader with all its checks 0.034 s; 2-core Zen 3, shared). Tensor data stay zero-copy
+    # views of the map (the view keeps the memmap alive through .base).
+    @property
+    def data(self):
+        return self._hm_data
+
+    @data.setter
+    def data(self, value):
+        self._hm_data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
     def _hm_room(self, what: str, count: int, min_bytes: int, offs: int) -> None:
         left = len(self.data) - int(offs)
         if count * min_bytes > left:
@@ -143,7 +156,7 @@ class _CheckedReader(GGUFReader):
         align = int(self.alignment)
         for f in fields:
             _nl, name_data, _nd, dims, raw_dtype, offset_tensor = f.parts
-            name = bytes(name_data).decode("utf-8", "replace")
+            name = bytes(name_data[:200]).decode("utf-8", "replace")  # a lying length: name only the start
             try:
                 qt = GGMLQuantizationType(int(raw_dtype[0]))
             except ValueError:
@@ -151,10 +164,13 @@ class _CheckedReader(GGUFReader):
                     f"{self._hm_path}: tensor {name!r} has unknown ggml type id {int(raw_dtype[0])}"
                 ) from None
             bs, ts = GGML_QUANT_SIZES[qt]
+            if not 1 <= len(dims) <= _MAX_DIMS:
+                raise GGUFFormatError(f"{self._hm_path}: tensor {name!r} has {len(dims)} dims, expected 1 to "
+                                      f"{_MAX_DIMS}")
             dims_l = [int(d) for d in dims]
-            if not dims_l or len(dims_l) > _MAX_DIMS or any(d <= 0 for d in dims_l):
+            if any(d <= 0 for d in dims_l):
                 raise GGUFFormatError(f"{self._hm_path}: tensor {name!r} has invalid dims {dims_l} "
-                                      f"(expected 1 to {_MAX_DIMS} positive sizes)")
+                                      "(expected positive sizes)")
             if dims_l[0] % bs:
                 raise QuantShapeError(
                     f"{self._hm_path}: tensor {name!r}: row length {dims_l[0]} is not a multiple of "
@@ -219,7 +235,10 @@ class GGUFModel:
             if default is GGUFModel._MISSING:
                 raise ModelConfigError(f"{self.path}: metadata key {key!r} is missing")
             return default
-        val = f.contents()
+        try:
+            val = f.contents()
+        except UnicodeDecodeError as e:
+            raise ModelConfigError(f"{self.path}: metadata key {key!r}: not valid UTF-8 ({e})") from None
         if typ is not None and val is not None:
             try:
                 val = typ(val)
@@ -338,6 +357,12 @@ class GGUFModel:
         if f is not None and len(f.data) != vocab:
             raise ModelConfigError(f"{self.path}: tokenizer.ggml.tokens holds {len(f.data)} tokens but "
                                    f"token_embd.weight has {vocab} rows (expected equal)")
+        for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                    "tokenizer.ggml.eom_token_id", "tokenizer.ggml.unknown_token_id",
+                    "tokenizer.ggml.padding_token_id", "tokenizer.ggml.seperator_token_id"):
+            i = self.get(key, int, None)
+            if i is not None and not 0 <= i < vocab:
+                raise ModelConfigError(f"{self.path}: {key} is {i}, expected 0..{vocab - 1} (a token id)")
         for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
             g = self.reader.fields.get(key)
             if g is not None and len(g.data) != vocab:

@@ -184,6 +184,8 @@ class HybridRuntime:
             self.cpu.set_num_threads(max(1, self.cpu.physical_cores() - 1))
         n = len(self.moe_layers)
         layouts = [store.layout(layer) for layer in self.moe_layers]
+        if not 0 <= int(cfg.prefetch_size) <= self.n_experts:
+            raise HybrimoeError(f"prefetch size {cfg.prefetch_size} experts per layer must be in 0..{self.n_experts}")
         if cfg.gpu_budget is not None and cfg.cache_size is not None:
             raise HybrimoeError("give either cache_size (experts per layer) or gpu_budget (bytes), not both")
         if cfg.gpu_budget is not None:
@@ -233,6 +235,10 @@ class HybridRuntime:
         # router's choice (routing replayed from a real trace); kernels, cache and transfers run as usual.
         self.route_override = None
         self.closed = False
+        # (layer, step) of a moe_begin whose moe_end has not returned: set while a call runs, left
+        # set when it raised or was interrupted (the cache may then list experts whose copy never
+        # happened, or keep them pinned), so the next call refuses instead of computing on them.
+        self._unfinished: tuple[int, int] | None = None
 
     @property
     def step(self) -> int:
@@ -299,6 +305,11 @@ class HybridRuntime:
         on a host without CUDA), its output added to the layer's."""
         if self.closed:
             raise HybrimoeError("this HybridRuntime was closed (close() is final); build a new one")
+        if self._unfinished is not None:
+            raise HybrimoeError(f"this HybridRuntime stopped: its call for MoE layer {self._unfinished[0]} (step "
+                                f"{self._unfinished[1]}) raised or was interrupted, so its expert cache may not match "
+                                "the slots; build a new one")
+        self._unfinished = (layer, self.step)
         t_start = time.perf_counter()
         i = self.index[layer]
         st = self.stats[layer]
@@ -420,6 +431,7 @@ class HybridRuntime:
         if self.config.record_timeline:
             self.timeline.append({"step": self.step, "layer": layer, "t0": t_start, "cpu": (t_cpu0, t_cpu1),
                                   "gpu": (t_gpu0, t_gpu1), "plan": p, "loads": len(p.loads)})
+        self._unfinished = None
         return y
 
     def predict(self, i: int, x: torch.Tensor) -> dict[int, Prediction]:

@@ -483,26 +483,55 @@ def plot_sweep(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _check_flags(a, n_experts: int | None = None) -> str | None:
+    """One line naming the first numeric flag out of its range (E-bounded ones once E is known)."""
+    hi = n_experts if n_experts is not None else None
+    for flag, v, lo, top in (("--cache-size", a.cache_size, 0, hi), ("--prefetch-size", a.prefetch_size, 0, hi),
+                             ("--chunk", a.chunk, 1, None), ("--max-tokens", a.max_tokens, 0, None)):
+        if v is not None and (v < lo or (top is not None and v > top)):
+            want = f"in {lo}..{top} (the trace's experts per layer)" if top is not None else f">= {lo}"
+            return f"{flag} must be {want}, found {v}"
+    if a.predictor.startswith("degraded:"):
+        try:
+            acc = float(a.predictor.split(":", 1)[1])
+        except ValueError:
+            acc = float("nan")
+        if not 0.0 <= acc <= 1.0:
+            return f"--predictor degraded:ACC needs ACC in 0..1, found {a.predictor.split(':', 1)[1]!r}"
+    elif a.predictor not in ("oracle", "learned"):
+        return f"--predictor must be oracle, learned or degraded:ACC, found {a.predictor!r}"
+    return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hybrimoe.sim", description=__doc__.split("\n")[0])
     ap.add_argument("--trace", action="append", required=True,
                     help="trace file (.npz or Mixtral .jsonl); repeat to concatenate (same model)")
-    ap.add_argument("--cache-size", type=int, default=None, help="experts per layer (default 25%% of E)")
+    ap.add_argument("--cache-size", type=int, default=None, help="experts per layer, 0..E (default 25%% of E; "
+                    "0 = no cache)")
     ap.add_argument("--policy", default="mrs", choices=POLICIES)
     ap.add_argument("--schedule", default="hybrid", choices=("hybrid", "kt-static", "gpu-only", "cpu-only", "seed"))
-    ap.add_argument("--prefetch-size", type=int, default=0)
+    ap.add_argument("--prefetch-size", type=int, default=0, help="experts prefetched per layer, 0..E (0 = off)")
     ap.add_argument("--predictor", default="learned", help="oracle | learned | degraded:ACC")
     ap.add_argument("--costs", default="paper-a6000",
                     help="paper-a6000 (shape guessed from E), paper-a6000:mixtral, or a cost JSON")
     ap.add_argument("--pcie", default="whole", choices=PCIE_MODELS,
                     help="whole: one non-preemptible DMA per expert (the runtime); preemptive: chunked")
-    ap.add_argument("--chunk", type=int, default=1, help="prefill tokens per step (decode is always 1)")
-    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--chunk", type=int, default=1, help="prefill tokens per step, >= 1 (decode is always 1)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="use the first N tokens of the trace (0 or unset = all)")
     ap.add_argument("--sweep", action="store_true", help="policies x cache 25/50/75%% x prefetch 0/2")
     ap.add_argument("--plot", default=None)
     ap.add_argument("--json", default=None, help="write rows as JSON here")
     a = ap.parse_args(argv)
+    bad = _check_flags(a)
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     tr = _concat([load_trace(p) for p in a.trace])
+    bad = _check_flags(a, tr.n_experts)
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     if a.max_tokens:
         tr = tr.subset(slice(0, a.max_tokens))
     costs = resolve(a.costs, "mixtral" if tr.n_experts == 8 else "deepseek-v2-lite")

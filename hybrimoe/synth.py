@@ -66,6 +66,12 @@ class SynthConfig:
     # routed experts as one 2-D tensor per expert (blk.L.ffn_gate.E.weight ...), the layout of GGUF
     # files converted before llama.cpp merged them; the same weights as the merged layout
     split_experts: bool = False
+    # deepseek2 attention as llama.cpp's converters write it since 2025 (convert_hf_to_gguf.py
+    # DeepseekV2Model): attn_kv_b split per head into attn_k_b (heads, kv_lora, nope) and attn_v_b
+    # (heads, v, kv_lora), head_count_kv 1, key/value_length = kv_lora + rope / kv_lora and the
+    # head sizes in key_length_mla / value_length_mla. The two tensors hold exactly the values of
+    # the attn_kv_b this config writes otherwise (dequantized, stored F32), so both layouts are one model.
+    mla_split: bool = False
     seed: int = 0
     name: str = "synthetic"
 
@@ -142,15 +148,17 @@ def _byte_unicode() -> dict[int, str]:
 def build_tokenizer(n_merges: int = 200) -> tuple[list[str], list[str], list[int]]:
     """A byte-level BPE vocabulary learned greedily on a small embedded corpus.
 
-    Returns (tokens, merges, token_types): specials <|bos|> <|eos|> first, then 256 byte tokens,
-    then one token per merge."""
+    Returns (tokens, merges, token_types): specials <|bos|> <|endoftext|> first, then 256 byte
+    tokens, then one token per merge. The end token is spelled <|endoftext|>: llama.cpp marks
+    end-of-generation tokens by their text (llama-vocab.cpp), and an eos it does not recognise
+    loads with a warning."""
     bu = _byte_unicode()
     words = []
     for w in _CORPUS.split(" "):
         if w:
             words.append([bu[b] for b in (" " + w).encode()])
     merges: list[str] = []
-    vocab = ["<|bos|>", "<|eos|>"] + [bu[b] for b in range(256)]
+    vocab = ["<|bos|>", EOS_TOKEN] + [bu[b] for b in range(256)]
     for _ in range(n_merges):
         counts: dict[tuple[str, str], int] = {}
         for w in words:
@@ -179,6 +187,7 @@ def build_tokenizer(n_merges: int = 200) -> tuple[list[str], list[str], list[int
     return vocab, merges, types
 
 
+EOS_TOKEN = "<|endoftext|>"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -288,7 +297,11 @@ def _specs(cfg: SynthConfig) -> Iterator[_TensorSpec]:
             yield spec(p + "attn_q.weight", (cfg.n_heads * qk, H))
             yield spec(p + "attn_kv_a_mqa.weight", (cfg.kv_lora_rank + cfg.qk_rope_dim, H))
             yield spec(p + "attn_kv_a_norm.weight", (cfg.kv_lora_rank,), "norm")
-            yield spec(p + "attn_kv_b.weight", (cfg.n_heads * (cfg.qk_nope_dim + cfg.v_head_dim), cfg.kv_lora_rank))
+            kv_b = spec(p + "attn_kv_b.weight", (cfg.n_heads * (cfg.qk_nope_dim + cfg.v_head_dim), cfg.kv_lora_rank))
+            if cfg.mla_split:
+                yield from _split_kv_b(cfg, kv_b, i)
+            else:
+                yield kv_b
             yield spec(p + "attn_output.weight", (H, cfg.n_heads * cfg.v_head_dim))
         else:
             hd = cfg.head_dim
@@ -331,6 +344,28 @@ def _specs(cfg: SynthConfig) -> Iterator[_TensorSpec]:
     yield spec("output.weight", (V, H))
 
 
+def _split_kv_b(cfg: SynthConfig, kv_b: _TensorSpec, layer: int) -> Iterator[_TensorSpec]:
+    """attn_k_b / attn_v_b of block `layer` as llama.cpp's DeepseekV2Model.modify_tensors makes
+    them from kv_b_proj: view (heads, nope + v, kv_lora), split into k (heads, nope, kv_lora) and
+    v (heads, v, kv_lora), k transposed per head to (heads, kv_lora, nope); k_b first. Values: the
+    dequantized attn_kv_b (the weights the other layout holds), stored F32."""
+    H, nope, v = cfg.n_heads, cfg.qk_nope_dim, cfg.v_head_dim
+    memo: dict[str, np.ndarray] = {}
+
+    def parts() -> tuple[np.ndarray, np.ndarray]:
+        if "k" not in memo:
+            raw = kv_b.make()
+            w = raw if kv_b.qtype == F32 else formats.dequantize(raw, kv_b.qtype, kv_b.shape)
+            w = np.asarray(w, np.float32).reshape(H, nope + v, cfg.kv_lora_rank)
+            memo["k"] = np.ascontiguousarray(w[:, :nope].transpose(0, 2, 1))
+            memo["v"] = np.ascontiguousarray(w[:, nope:])
+        return memo["k"], memo["v"]
+
+    p = f"blk.{layer}."
+    yield _TensorSpec(p + "attn_k_b.weight", (H, cfg.kv_lora_rank, nope), F32, lambda: parts()[0], lambda: parts()[0])
+    yield _TensorSpec(p + "attn_v_b.weight", (H, v, cfg.kv_lora_rank), F32, lambda: parts()[1], lambda: parts()[1])
+
+
 def _split(merged: _TensorSpec, layer: int, which: str) -> Iterator[_TensorSpec]:
     """The per-expert tensors blk.L.ffn_{which}.E.weight holding `merged`'s data (generated once)."""
     memo: dict[str, np.ndarray] = {}
@@ -369,14 +404,15 @@ def write_gguf(cfg: SynthConfig, path: str | os.PathLike, progress: bool = False
     w.add_embedding_length(cfg.hidden)
     w.add_feed_forward_length(cfg.dense_ffn or cfg.expert_ffn)
     w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
+    # MLA in the split layout is multi-query attention over the latent: one kv head (the converter)
+    w.add_head_count_kv(1 if arch == "deepseek2" and cfg.mla_split else cfg.n_kv_heads)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_vocab_size(len(tokens))
     w.add_expert_count(cfg.n_experts)
     w.add_expert_used_count(cfg.top_k)
     w.add_expert_feed_forward_length(cfg.expert_ffn)
-    if cfg.n_shared:
+    if cfg.n_shared or arch == "deepseek2":  # llama.cpp requires the key for deepseek2, even 0
         w.add_expert_shared_count(cfg.n_shared)
         if arch == "qwen2moe":
             w.add_expert_shared_feed_forward_length(cfg.shared_ffn)
@@ -387,9 +423,18 @@ def write_gguf(cfg: SynthConfig, path: str | os.PathLike, progress: bool = False
         w.add_expert_weights_scale(cfg.routed_scale)
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if cfg.gating == "sigmoid"
                                  else gguf.ExpertGatingFuncType.SOFTMAX)
+        # llama.cpp requires q_lora_rank unless block_count is 26 or 27 (its "lite" guess);
+        # 0 = no q LoRA (attn_q), as our reader and llama.cpp both read it
+        w.add_q_lora_rank(0)
         w.add_kv_lora_rank(cfg.kv_lora_rank)
-        w.add_key_length(cfg.qk_nope_dim + cfg.qk_rope_dim)
-        w.add_value_length(cfg.v_head_dim)
+        if cfg.mla_split:
+            w.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_dim)
+            w.add_value_length(cfg.kv_lora_rank)
+            w.add_key_length_mla(cfg.qk_nope_dim + cfg.qk_rope_dim)
+            w.add_value_length_mla(cfg.v_head_dim)
+        else:
+            w.add_key_length(cfg.qk_nope_dim + cfg.qk_rope_dim)
+            w.add_value_length(cfg.v_head_dim)
         w.add_rope_dimension_count(cfg.qk_rope_dim)
     else:
         w.add_key_length(cfg.head_dim)
@@ -402,6 +447,7 @@ def write_gguf(cfg: SynthConfig, path: str | os.PathLike, progress: bool = False
     w.add_token_merges(merges)
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
+    w.add_eot_token_id(1)  # end of a chat turn: the same token (in llama.cpp's end-of-generation set)
     w.add_add_bos_token(True)
     w.add_chat_template(CHAT_TEMPLATE)
     # Synthetic-model provenance, so a loader can rebuild the float weights for tests.

@@ -188,3 +188,48 @@ def test_shared_expert_rides_in_the_cpu_job(preset, tmp_path):
             assert float((y - ref).norm() / ref.norm()) < 2e-2, L  # 8-bit activations (test_layer.REL_TOL)
     dq, _, _ = load_gguf_model(gm, progress=False, store=store, moe_factory=hybrid_factory(rt), dense="dequant")
     assert all(m._shared_blocks is None for m in dq.modules() if isinstance(m, HybridMoELayer))
+
+
+# ------------------------------------------------- every numeric flag has a range (issue 16) --
+@pytest.mark.parametrize("args,msg", [
+    (["--prefetch-size", "-3"], "--prefetch-size must be >= 0, found -3"),
+    (["--cache-size", "-1"], "--cache-size must be >= 0, found -1"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0, found -1"),
+    (["--cpu-threads", "-1"], "--cpu-threads must be in 0..1024, found -1"),
+    (["--cpu-threads", "5000"], "--cpu-threads must be in 0..1024, found 5000"),
+    (["--torch-threads", "-2"], "--torch-threads must be in 0..1024, found -2"),
+    (["--top-k", "-2"], "--top-k must be >= 0, found -2"),
+    (["--seed", "-5"], "--seed must be in 0..9223372036854775807, found -5"),
+    (["--temperature", "nan"], "--temperature must be >= 0.0, found nan"),
+    (["--temperature", "-0.5"], "--temperature must be >= 0.0, found -0.5"),
+    (["--top-p", "nan"], "--top-p must be in (0, 1], found nan"),
+    (["--gpu-budget", "0"], "--gpu-budget must be a positive number of bytes, found 0"),
+])
+def test_numeric_flags_are_range_checked(args, msg):
+    """Checked before anything is loaded: one _Fail line naming the flag, its range and the value."""
+    a = generate.build_parser().parse_args(args)
+    with pytest.raises(generate._Fail) as ei:
+        generate.check_args(a)
+    assert str(ei.value) == msg
+    generate.check_args(generate.build_parser().parse_args([]))  # the defaults pass
+
+
+@pytest.mark.parametrize("flag", ["--prefetch-size", "--cache-size"])
+def test_model_bounded_flags_name_the_expert_count(flag, tiny_path, capsys):
+    """Flags bounded by the model's experts per layer (8 in tiny): refused once the file is open,
+    before the model is built; one line on stderr, exit 2."""
+    assert generate.main(["--gguf", tiny_path, "--device", "cpu", flag, "9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {flag} must be in 0..8 (the model's experts per layer), found 9"
+
+
+def test_cli_prefetch_size_negative_is_one_line(tiny_path):
+    """The issue's case end to end: `--prefetch-size -3` used to run without a word."""
+    r = _cli("--gguf", tiny_path, "--prefetch-size", "-3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["error: --prefetch-size must be >= 0, found -3"]
+
+
+def test_runtime_refuses_a_negative_prefetch_size(tiny_path):
+    with pytest.raises(Exception, match=r"prefetch size -1 experts per layer must be in 0..8"):
+        HybridRuntime(ExpertStore(GGUFModel(tiny_path)), RuntimeConfig(prefetch_size=-1, device="cpu"))

@@ -409,3 +409,94 @@ def test_lying_kv_count_and_array_length_are_refused_by_the_bytes_left(tiny_path
     with pytest.raises(GGUFFormatError, match=r"'tokenizer.ggml.token_type': array length is 8589934592"):
         GGUFModel(p)
     assert time.perf_counter() - t0 < 5.0
+
+
+# ---------------------------------------- files we write: keys other readers need (issue 16) --
+# What llama.cpp's load_hparams (src/llama-model.cpp; deepseek2 in models/deepseek2.cpp) reads
+# with get_key(..., required) for each architecture we write, plus the keys every arch needs.
+_LLAMA_CPP_COMMON = ("general.architecture", "{a}.context_length", "{a}.embedding_length", "{a}.block_count",
+                     "{a}.feed_forward_length", "{a}.attention.head_count", "{a}.attention.head_count_kv",
+                     "{a}.attention.layer_norm_rms_epsilon", "{a}.expert_count", "{a}.expert_used_count",
+                     "tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                     "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                     "tokenizer.ggml.eot_token_id")
+_LLAMA_CPP_ARCH = {
+    # q_lora_rank is optional only when block_count is 26 or 27 (llama.cpp's guess at "lite")
+    "deepseek2": ("{a}.leading_dense_block_count", "{a}.attention.q_lora_rank", "{a}.attention.kv_lora_rank",
+                  "{a}.expert_feed_forward_length", "{a}.expert_shared_count", "{a}.expert_weights_scale",
+                  "{a}.rope.dimension_count", "{a}.attention.key_length", "{a}.attention.value_length"),
+    "qwen2moe": ("{a}.expert_feed_forward_length", "{a}.expert_shared_feed_forward_length"),
+    "qwen3moe": ("{a}.expert_feed_forward_length",),
+    "llama": (),
+    "olmoe": (),
+}
+# End-of-generation token texts llama.cpp recognises (llama-vocab.cpp); an eos outside its set
+# loads with "special_eos_id is not in special_eog_ids".
+_LLAMA_CPP_EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>",
+                        "<|end_of_text|>", "<eos>")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2moe", "tiny-qwen3moe", "tiny-mixtral", "tiny-olmoe",
+                                    "tiny+mla_split"])
+def test_written_files_carry_llama_cpp_keys(preset, tmp_path):
+    name, _, opt = preset.partition("+")
+    cfg = synth.PRESETS[name]
+    if opt:
+        cfg = dataclasses.replace(cfg, **{opt: True})
+    p = synth.write_gguf(cfg, tmp_path / "m.gguf")
+    r = gguf.GGUFReader(p)
+    a = cfg.arch
+    missing = [k.format(a=a) for k in _LLAMA_CPP_COMMON + _LLAMA_CPP_ARCH[a] if k.format(a=a) not in r.fields]
+    assert not missing, missing
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
+        assert tokens[r.fields[key].contents()] in _LLAMA_CPP_EOG_TEXTS, key
+    if a == "deepseek2":
+        assert r.fields["deepseek2.attention.q_lora_rank"].contents() == 0
+        names = [t.name for t in r.tensors]
+        if cfg.mla_split:
+            # the converter's layout: MQA over the latent, head sizes in the *_mla keys
+            f = {k: r.fields[f"deepseek2.{k}"].contents() for k in (
+                "attention.head_count_kv", "attention.key_length", "attention.value_length",
+                "attention.key_length_mla", "attention.value_length_mla")}
+            assert f == {"attention.head_count_kv": 1,
+                         "attention.key_length": cfg.kv_lora_rank + cfg.qk_rope_dim,
+                         "attention.value_length": cfg.kv_lora_rank,
+                         "attention.key_length_mla": cfg.qk_nope_dim + cfg.qk_rope_dim,
+                         "attention.value_length_mla": cfg.v_head_dim}
+            assert not any("attn_kv_b" in n for n in names)
+            for i in range(cfg.n_layers):  # k_b right before v_b, where kv_b was
+                k = names.index(f"blk.{i}.attn_k_b.weight")
+                assert names[k - 1] == f"blk.{i}.attn_kv_a_norm.weight"
+                assert names[k + 1] == f"blk.{i}.attn_v_b.weight"
+            t = {t.name: t for t in r.tensors}
+            # ggml ne order, as llama.cpp's create_tensor asks for them
+            assert tuple(t["blk.0.attn_k_b.weight"].shape) == (cfg.qk_nope_dim, cfg.kv_lora_rank, cfg.n_heads)
+            assert tuple(t["blk.0.attn_v_b.weight"].shape) == (cfg.kv_lora_rank, cfg.v_head_dim, cfg.n_heads)
+        else:
+            assert "blk.0.attn_kv_b.weight" in names and "blk.0.attn_k_b.weight" not in names
+
+
+def test_mla_split_layout_gives_the_same_model(tmp_path):
+    """synth's split attn_k_b / attn_v_b file and its attn_kv_b file load into the same model:
+    kv_b rebuilt from the split tensors equals the dequantized kv_b bit for bit, so the logits
+    are identical (dense='dequant': both run the same float matmuls) and so are greedy tokens."""
+    from hybrimoe.models import load_gguf_model
+
+    cfg = synth.PRESETS["tiny"]
+    old = synth.write_gguf(cfg, tmp_path / "kv_b.gguf")
+    new = synth.write_gguf(dataclasses.replace(cfg, mla_split=True), tmp_path / "split.gguf")
+    a, gma, _ = load_gguf_model(old, progress=False, dense="dequant")
+    b, gmb, _ = load_gguf_model(new, progress=False, dense="dequant")
+    assert gmb.has("blk.0.attn_k_b.weight") and not gmb.has("blk.0.attn_kv_b.weight")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    ids = torch.tensor([[0, 17, 42, 99, 5, 260, 3]])
+    with torch.no_grad():
+        la, lb = a(ids).logits, b(ids).logits
+    assert torch.equal(la, lb)
+    ga = a.generate(ids, max_new_tokens=6, do_sample=False)
+    gb = b.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(ga, gb)

@@ -22,7 +22,11 @@ def test_every_script_is_listed():
     assert {"cpu_kernels", "triton_moe", "moe_layer", "e2e", "sim_policies", "cpu_model"} <= set(SCRIPTS)
 
 
-@pytest.mark.parametrize("stem", SCRIPTS)
+# soak --quick: 3 x 500 decode steps and a fresh run per mode, about 45 s of CPU on the 2-core box
+_SLOW = {"soak"}
+
+
+@pytest.mark.parametrize("stem", [pytest.param(s, marks=pytest.mark.slow) if s in _SLOW else s for s in SCRIPTS])
 def test_quick_run_writes_the_result_document(stem, tmp_path):
     if stem == "sim_policies" and not TRACES.is_dir():
         pytest.skip(f"needs the shared routing traces ({TRACES})")

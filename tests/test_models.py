@@ -341,7 +341,7 @@ def test_tokenizer_round_trip(paths):
     assert tok.decode(ids, skip_special_tokens=True) == s
     assert len(ids) < len(s.encode())  # merges were applied (not one token per byte)
     assert (tok.bos_token_id, tok.eos_token_id) == (0, 1)
-    assert tok.convert_ids_to_tokens(tok("<|eos|>", add_special_tokens=False)["input_ids"]) == ["<|eos|>"]
+    assert tok.convert_ids_to_tokens(tok("<|endoftext|>", add_special_tokens=False)["input_ids"]) == ["<|endoftext|>"]
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text == "<|user|>hi\n<|assistant|>"
 

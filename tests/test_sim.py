@@ -132,3 +132,22 @@ def test_cli_single_run_and_sweep(tmp_path, capsys):
     assert main(["--trace", str(MIXTRAL), "--sweep", "--max-tokens", "10", "--json", str(js)]) == 0
     rows = json.loads(js.read_text())["rows"]
     assert len(rows) == 4 * 3 * 2
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--prefetch-size", "-3"], "--prefetch-size must be >= 0, found -3"),
+    (["--cache-size", "-1"], "--cache-size must be >= 0, found -1"),
+    (["--chunk", "0"], "--chunk must be >= 1, found 0"),
+    (["--max-tokens", "-4"], "--max-tokens must be >= 0, found -4"),
+    (["--prefetch-size", "9"], "--prefetch-size must be in 0..8 (the trace's experts per layer), found 9"),
+    (["--cache-size", "9"], "--cache-size must be in 0..8 (the trace's experts per layer), found 9"),
+    (["--predictor", "degraded:1.5"], "--predictor degraded:ACC needs ACC in 0..1, found '1.5'"),
+    (["--predictor", "psychic"], "--predictor must be oracle, learned or degraded:ACC, found 'psychic'"),
+])
+def test_sim_numeric_flags_are_range_checked(args, msg, capsys):
+    """Every numeric flag of `python -m hybrimoe.sim` out of range: exit 2 and one line naming it
+    (the E-bounded ones once the trace, 8 experts per layer, is read)."""
+    if not MIXTRAL.is_file():
+        pytest.skip(f"trace not found at {MIXTRAL} (shared/ is not next to the repo)")
+    assert main(["--trace", str(MIXTRAL), "--max-tokens", "4", *args]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {msg}"
