@@ -4,9 +4,11 @@ Loads a synthetic preset GGUF through the real path (dense weights as GGUF block
 schedule, one torch thread, as `python -m hybrimoe.generate` runs on a CPU), feeds a prompt, then
 decodes greedily with forward hooks timing every part (wall clock, perf_counter):
 
-    routed+shared experts  the native MoE job (HybridRuntime.moe_end's wait; the shared expert
-                           rides in it), split afterwards by timing the same layers' jobs alone
-    runtime bookkeeping    moe_begin: routing copy to numpy, cache/plan, job preparation + submit
+    routed+shared experts  the native MoE job (its submit, which on a host without a GPU runs the
+                           whole job, + moe_end's wait; the shared expert rides in it), split
+                           afterwards by timing the same layers' jobs alone
+    runtime bookkeeping    moe_begin less the job: routing copy to numpy, cache/plan, job preparation;
+                           and the MoE layer's own glue around it (shared-expert gate, casts)
     router                 reference.route (scores, top-k, weights) + the shared-gate glue
     attention projections  the QuantLinear matrices of self_attn (q, kv_a, kv_b, o)
     attention math         self_attn minus its projections and norms (rope, latent cache, softmax)
@@ -148,7 +150,7 @@ def main(argv=None) -> int:
 
     prof = Profiler(model)
     # router and moe_begin/moe_end, timed by wrapping the functions the layer calls
-    route0, begin0, end0 = layer_mod.reference.route, rt.moe_begin, rt.moe_end
+    route0, begin0, end0, submit0 = layer_mod.reference.route, rt.moe_begin, rt.moe_end, rt._ffn_submit
 
     def timed(fn, part):
         def f(*a, **k):
@@ -161,7 +163,9 @@ def main(argv=None) -> int:
         return f
 
     layer_mod.reference.route = timed(route0, "router")
-    rt.moe_begin, rt.moe_end = timed(begin0, "runtime bookkeeping"), timed(end0, "moe job")
+    rt.moe_begin, rt.moe_end = timed(begin0, "moe_begin"), timed(end0, "moe job")
+    # the job's submit (on a host without a GPU: the whole job, run by the calling thread)
+    rt._ffn_submit = timed(submit0, "moe submit")
     tok_t = []
 
     def on_token(new):
@@ -173,18 +177,18 @@ def main(argv=None) -> int:
         new, _, t_dec = generate_ids(model, prompt, args.decode, rt, on_token=on_token)
     finally:
         layer_mod.reference.route = route0
-        rt.moe_begin, rt.moe_end = begin0, end0
+        rt.moe_begin, rt.moe_end, rt._ffn_submit = begin0, end0, submit0
         prof.remove()
     n_tok = len(new) - 1
     token_s = (tok_t[-1] - tok_t[0]) / n_tok
     t = {k: v / n_tok for k, v in prof.t.items()}
     H = gm.config.hidden
-    fs = shared_fraction(rt, model, H, 3 if args.quick else 5)
-    moe_job = t.get("moe job", 0.0)
+    fs = shared_fraction(rt, model, H, 3 if args.quick else 10)
+    moe_job = t.get("moe job", 0.0) + t.get("moe submit", 0.0)
     parts = {
         "routed experts": moe_job * (1 - fs),
         "shared experts": moe_job * fs,
-        "runtime bookkeeping": t.get("runtime bookkeeping", 0.0),
+        "runtime bookkeeping": t.get("moe_begin", 0.0) - t.get("moe submit", 0.0),
         "router": t.get("router", 0.0),
         "attention projections": t.get("attention projections", 0.0),
         "attention math": t.get("attention", 0.0) - t.get("attention projections", 0.0) - t.get("attn norms", 0.0),
@@ -195,6 +199,7 @@ def main(argv=None) -> int:
     }
     # the MoE layer's own glue (shared gate, output cast) beyond route/begin/end
     moe_glue = t.get("moe layer", 0.0) - moe_job - parts["runtime bookkeeping"] - parts["router"]
+    parts["runtime bookkeeping"] += moe_glue  # the layer's own glue (shared gate, casts) beyond route/begin/end
     parts["python/torch overhead"] = token_s - sum(parts.values())
     rows = []
     shape = f"{preset} {gm.config.n_layers} layers, context {args.context}"
