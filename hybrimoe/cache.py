@@ -66,6 +66,7 @@ from .errors import HybrimoeError
 POLICIES = ("mrs", "lru", "lfu", "static", "bypass", "min")
 # policies that gate admission (a miss may bypass the cache) and fill in idle link time
 ADMISSION_POLICIES = ("bypass", "min")
+RUNTIME_POLICIES = tuple(p for p in POLICIES if p != "min")  # min needs the future: simulator only
 
 Key = tuple  # (layer, expert)
 

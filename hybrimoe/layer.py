@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import reference
-from .cache import ExpertCache
+from .cache import ADMISSION_POLICIES, ExpertCache
 from .costs import CostModel, calibrate, l3_bytes, load_or_calibrate
 from .costs import resolve as resolve_costs
 from .errors import HybrimoeError, ModelConfigError
@@ -38,7 +38,7 @@ from .formats import QuantTensor
 from .prefetch import Prediction, Prefetcher, idle_budget
 from .reference import RoutingConfig
 from .scheduler import MODES
-from .step import decide, release
+from .step import decide, fill, release
 from .step import prefetch as prefetch_step
 from .store import expert_views
 from .transfer import TransferEngine
@@ -47,7 +47,9 @@ from .transfer import TransferEngine
 @dataclass(frozen=True)
 class RuntimeConfig:
     """cache_size: GPU-resident experts per MoE layer; or gpu_budget: bytes shared by all layers.
-    policy: mrs | lru | lfu | static. schedule: hybrid | kt-static | gpu-only | cpu-only | seed.
+    policy: mrs | lru | lfu | static | bypass (admission by windowed frequency, with fills in idle
+    link time; hybrimoe.cache) — 'min' needs the future and runs in the simulator only.
+    schedule: hybrid | kt-static | gpu-only | cpu-only | seed.
     prefetch_size: experts prefetched per layer (0 = off); horizon: layers looked ahead.
     cpu_threads: CPU expert-kernel threads (default: the physical cores, less one on CUDA, where
     the Python thread drives the GPU meanwhile). device: 'cuda' / 'cpu' / None (CUDA when
@@ -88,6 +90,7 @@ class LayerStats:
     tokens_cpu: int = 0
     bytes_moved: int = 0
     prefetch_issued: int = 0
+    fills: int = 0  # experts run on the CPU, then copied into the cache in idle link time (bypass)
     cpu_s: float = 0.0
     gpu_s: float = 0.0
     total_s: float = 0.0
@@ -604,6 +607,8 @@ class HybridRuntime:
         st.gpu_s += t_gpu1 - t_gpu0
         # prefetch for the next layers while this one computes, then issue queued prefetch chunks
         # worth this layer's predicted idle link time (demand loads of the next layer come after)
+        if self.gpu_enabled and self.cache.policy in ADMISSION_POLICIES:
+            self._fill(i, d)
         if self.prefetcher is not None:
             self._prefetch(i, la_np, p)
         if self.transfers._pending:
@@ -690,6 +695,21 @@ class HybridRuntime:
             preds[j] = Prediction(e, c[e], np.full(len(e), acc.get(d + 1, 0.5)))
         return preds
 
+    def _fill(self, i: int, d) -> None:
+        """Admission policies: copy experts this layer ran on the CPU into the cache (hybrimoe.step.fill),
+        as prefetch-class copies that demand loads overtake, in the idle link time of one step
+        (every MoE layer's idle window taken equal to this one's) less what is queued."""
+        p = d.plan
+        backlog = (self.transfers.pending_bytes() / self._link_bw(i)
+                   + self.transfers.prefetches_in_flight() * self.costs.transfer_time(i))
+        idle = len(self.moe_layers) * max(0.0, p.makespan - p.pcie_end) - backlog
+        layer = self.moe_layers[i]
+        for fd in fill(self.cache, self.costs, d, idle_s=idle):
+            if self.config.record_decisions:
+                self.decisions.append((self.step, fd))
+            self.transfers.load(self._pool(i), fd.slot, self._span(layer, fd.expert), prefetch=True)
+            self.stats[layer].fills += 1
+
     def _prefetch(self, i: int, la_np: np.ndarray | None, p) -> None:
         if la_np is None:
             return
@@ -754,6 +774,7 @@ class HybridRuntime:
             "pairs_cpu": tot.tokens_cpu, "pcie_bytes": self.transfers.stats.bytes,
             "demand_loads": self.transfers.stats.demand_loads, "prefetch_loads": self.transfers.stats.prefetch_loads,
             "prefetch_used": cs["prefetch_used"], "prefetch_wasted": cs["prefetch_wasted"],
+            "fills": tot.fills, "declined": cs["declined"],
             # mean host microseconds per MoE layer call (see LayerStats)
             "host_us": {k: getattr(tot, f"{k}_s") / max(tot.steps, 1) * 1e6 for k in ("sync", "plan", "prefetch")},
             "per_layer": self.layer_stats(),
