@@ -22,7 +22,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cache import POLICIES, CacheConfigError, ExpertCache
+from .cache import CacheConfigError, ExpertCache
+
+# The policies the engine implements, in the order of its policy codes (engine.h). The admission
+# policies (bypass, min: hybrimoe.cache) have only their Python implementation.
+ENGINE_POLICIES = ("mrs", "lru", "lfu", "static")
 from .scheduler import MODES, SEED_CONSTANTS, Plan, ScheduleError
 
 # struct DecideHeader (kernels/cpu/engine.h): the counts at the head of decide()'s int32 output
@@ -52,15 +56,16 @@ class NativeCache:
 
     def __init__(self, like: ExpertCache, costs):
         c = like
-        if c.policy not in POLICIES:
-            raise CacheConfigError(f"unknown cache policy {c.policy!r}")
+        if c.policy not in ENGINE_POLICIES:
+            raise CacheConfigError(f"the native engine runs the cache policies {ENGINE_POLICIES}, not {c.policy!r} "
+                                   "(its decisions are made by hybrimoe.cache's Python implementation)")
         self.n_layers, self.n_experts, self.policy = c.n_layers, c.n_experts, c.policy
         self.shared, self.capacity, self.expert_bytes = c.shared, c.capacity, c.expert_bytes
         self.slot_bytes = c.slot_bytes
         self.byte_budget = getattr(c, "byte_budget", None)
         self.top_p, self.alpha, self.guard_prefetch = c.top_p, c.alpha, c.guard_prefetch
         ext = _ext()
-        self._g = ext.Engine(c.n_layers, c.n_experts, POLICIES.index(c.policy), c.shared, list(c.capacity), c.alpha,
+        self._g = ext.Engine(c.n_layers, c.n_experts, ENGINE_POLICIES.index(c.policy), c.shared, list(c.capacity), c.alpha,
                              c.top_p, c.guard_prefetch)
         if c._pinned or c._prefetched or c.hits or c.misses or c.evictions:
             raise CacheConfigError("NativeCache.from_cache takes a fresh cache (warm start only: no pins, "
@@ -188,7 +193,8 @@ class NativeCache:
             self._g.unpin_some(int(layer), [int(e) for e in experts])
 
     def stats(self) -> dict:
-        return dict(self._g.stats())
+        # declined / fills: what the admission policies count; always 0 for the engine's policies
+        return {**dict(self._g.stats()), "declined": 0, "fills": 0}
 
     @property
     def scores(self) -> np.ndarray:

@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from .cache import RUNTIME_POLICIES
+
 
 def _parse_bytes(s: str) -> int:
     s = s.strip().upper()
@@ -46,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "every expert is copied in when the GPU runs it)")
     g.add_argument("--gpu-budget", type=_parse_bytes, default=None, help="GPU bytes for experts, shared by layers")
     p.add_argument("--prefetch-size", type=int, default=0, help="experts prefetched per layer (0 = off)")
-    p.add_argument("--policy", choices=("mrs", "lru", "lfu", "static"), default="mrs")
+    p.add_argument("--policy", choices=RUNTIME_POLICIES, default="mrs",
+                   help="expert cache policy (bypass: admission by windowed frequency, fills in idle link time)")
     p.add_argument("--schedule", choices=("hybrid", "kt-static", "gpu-only", "cpu-only", "seed"), default="hybrid")
     p.add_argument("--cpu-threads", type=int, default=None, help="CPU kernel threads, 0..1024 (default or 0: physical "
                    "cores; one less with CUDA, where the Python thread drives the GPU)")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import stats
-from .cache import ExpertCache
+from .cache import ADMISSION_POLICIES, ExpertCache
 from .calibration import runtime_costs
 from .costs import CostModel
 from .errors import HybrimoeError
@@ -39,7 +39,7 @@ from .prefetch import Prediction, Prefetcher, idle_budget
 from .reference import RoutingConfig
 from .stats import LayerStats
 from .scheduler import MODES
-from .step import decide, release
+from .step import decide, fill, release
 from .step import prefetch as prefetch_step
 from .transfer import TransferEngine
 
@@ -50,7 +50,9 @@ GPU_SIDES = ("cuda", "emulated", "emulated-triton", "none")
 @dataclass(frozen=True)
 class RuntimeConfig:
     """cache_size: GPU-resident experts per MoE layer; or gpu_budget: bytes shared by all layers.
-    policy: mrs | lru | lfu | static. schedule: hybrid | kt-static | gpu-only | cpu-only | seed.
+    policy: mrs | lru | lfu | static | bypass (admission by windowed frequency, with fills in idle
+    link time; hybrimoe.cache) — 'min' needs the future and runs in the simulator only.
+    schedule: hybrid | kt-static | gpu-only | cpu-only | seed.
     prefetch_size: experts prefetched per layer (0 = off); horizon: layers looked ahead.
     cpu_threads: CPU expert-kernel threads (default: the physical cores, less one on CUDA, where
     the Python thread drives the GPU meanwhile). device: 'cuda' / 'cpu' / None (CUDA when
@@ -401,6 +403,8 @@ class HybridRuntime:
         st.gpu_s += t_gpu1 - t_gpu0
         # prefetch for the next layers while this one computes, then issue queued prefetch chunks
         # worth this layer's predicted idle link time (demand loads of the next layer come after)
+        if self.gpu_enabled and self.cache.policy in ADMISSION_POLICIES:
+            self._fill(i, d)
         if self.prefetcher is not None:
             self._prefetch(i, la_np, p)
         if self.transfers.has_pending():
@@ -445,6 +449,21 @@ class HybridRuntime:
 
     def _predictions(self, i: int, la_np: np.ndarray) -> dict[int, Prediction]:
         return self.lookahead.predictions(i, la_np, self.prefetcher.accuracy())
+
+    def _fill(self, i: int, d) -> None:
+        """Admission policies: copy experts this layer ran on the CPU into the cache (hybrimoe.step.fill),
+        as prefetch-class copies that demand loads overtake, in the idle link time of one step
+        (every MoE layer's idle window taken equal to this one's) less what is queued."""
+        p = d.plan
+        backlog = (self.transfers.pending_bytes() / self._link_bw(i)
+                   + self.transfers.prefetches_in_flight() * self.costs.transfer_time(i))
+        idle = len(self.moe_layers) * max(0.0, p.makespan - p.pcie_end) - backlog
+        layer = self.moe_layers[i]
+        for fd in fill(self.cache, self.costs, d, idle_s=idle):
+            if self.config.record_decisions:
+                self.decisions.append((self.step, fd))
+            self.transfers.load(self._pool(i), fd.slot, self._span(layer, fd.expert), prefetch=True)
+            self.stats[layer].fills += 1
 
     def _prefetch(self, i: int, la_np: np.ndarray | None, p) -> None:
         if la_np is None:

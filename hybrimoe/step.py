@@ -155,6 +155,51 @@ def prefetch(cache, prefetcher, layer: int, predictions: Mapping[int, Prediction
     return out
 
 
+@dataclass(frozen=True)
+class FillDecision:
+    """A fill the cache admitted: `expert` of `layer`, computed on the CPU this step, copied into
+    `slot` in idle link time for the layer's later steps; `evicted` the key it replaced."""
+
+    layer: int
+    expert: int
+    slot: int
+    evicted: tuple[int, int] | None
+    transfer: float  # seconds of link time
+
+    def key(self) -> tuple:
+        return (self.layer, self.expert, self.slot, self.evicted)
+
+
+def fill(cache, costs, decision: LayerDecision, *, idle_s: float) -> list[FillDecision]:
+    """Admission policies (cache.ADMISSION_POLICIES) only: copy experts the layer computed on the
+    CPU into the cache while the link is idle, best predicted reuse first, each only when the
+    cache's gate admits it over its victim, as long as the transfers fit in `idle_s` seconds.
+    Call after `decide` and before `release` (the layer's experts are pinned) and before the
+    prefetcher's choice (which then sees the fills as backlog). Other policies: no fills."""
+    from .cache import ADMISSION_POLICIES
+
+    if getattr(cache, "policy", None) not in ADMISSION_POLICIES:
+        return []
+    layer = decision.layer
+    tr = costs.transfer_time(layer)
+    if idle_s < tr:
+        return []
+    cands = sorted((e for e in decision.plan.cpu if not cache.contains(layer, e)),
+                   key=lambda e: (-cache.reuse_score(layer, e), e))
+    out, used = [], 0.0
+    for e in cands:
+        if used + tr > idle_s:
+            break
+        if not cache.wants_fill(layer, e, protect=decision.experts):
+            continue
+        slot, ev = cache.admit(layer, e, fill=True, protect=decision.experts)
+        if slot is None:
+            continue
+        used += tr
+        out.append(FillDecision(layer, int(e), slot, ev, tr))
+    return out
+
+
 def release(cache, layer: int) -> None:
     """The layer's experts ran: they may be evicted again."""
     cache.unpin(layer)
