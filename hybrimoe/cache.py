@@ -14,6 +14,18 @@ Policies (one implementation each, shared by the runtime layer and the simulator
             "perfect" LFU); ties go to the least recently used.
     static  a fixed hot set (the `capacity` most-counted experts of `static_counts`, e.g. from a
             warm-up trace or a routing-counts prior); nothing is ever admitted or evicted.
+    bypass  bypass-aware admission on a windowed frequency: per (layer, expert) a decayed count
+                F <- d * F + [used this step],  d = 1 - 1 / window
+            (about the uses in the last `window` steps of its layer); the victim is the resident
+            expert with the lowest F (then the least recent), and a miss is admitted only when
+            its F beats the victim's (else it bypasses the cache: computed on the CPU, the cache
+            left alone). It also fills: after a layer ran, an expert it computed on the CPU may be
+            copied in during the link's idle time when its F beats the victim's (hybrimoe.step.fill).
+    min     the oracle: Belady's MIN with bypass on the real future (`set_future`), for the
+            simulator only. The victim is the resident expert used farthest in the future; a
+            miss is admitted (demand load or fill) only when it is used again before the
+            victim. Its time in the hybrid schedule is the headroom any policy could reach with
+            the same link idle time.
 
 Budget: either `capacity` experts per layer (an int, or one int per layer), each layer with its
 own slots numbered 0..capacity[layer]-1 (LAYER-LOCAL slot ids), or one `byte_budget` shared by all
@@ -45,11 +57,16 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+import math
+
 import numpy as np
 
 from .errors import HybrimoeError
 
-POLICIES = ("mrs", "lru", "lfu", "static")
+POLICIES = ("mrs", "lru", "lfu", "static", "bypass", "min")
+# policies that gate admission (a miss may bypass the cache) and fill in idle link time
+ADMISSION_POLICIES = ("bypass", "min")
+RUNTIME_POLICIES = tuple(p for p in POLICIES if p != "min")  # min needs the future: simulator only
 
 Key = tuple  # (layer, expert)
 
@@ -96,7 +113,8 @@ class ExpertCache:
                  byte_budget: int | None = None, expert_bytes: int | Sequence[int] | None = None,
                  policy: str = "mrs", alpha: float = 0.5, top_p: int | None = None, top_k: int = 2,
                  static_counts: np.ndarray | None = None, warm: str = "first",
-                 prior_counts: np.ndarray | None = None, guard_prefetch: bool = True):
+                 prior_counts: np.ndarray | None = None, guard_prefetch: bool = True, window: float = 16.0,
+                 future: Sequence[Sequence[Iterable[int]]] | None = None, gate_demand: bool | None = None):
         if policy not in POLICIES:
             raise CacheConfigError(f"unknown cache policy {policy!r} (expected one of {POLICIES})")
         if (capacity is None) == (byte_budget is None):
@@ -140,6 +158,23 @@ class ExpertCache:
         self.prefetch_used_by_layer = np.zeros(n_layers, np.int64)
         self.prefetch_wasted_by_layer = np.zeros(n_layers, np.int64)
         self._hot: set | None = None
+        if not window >= 1.0:
+            raise CacheConfigError(f"window must be >= 1 step, found {window}")
+        self.window = float(window)
+        # whether the admission gate applies to the scheduler's demand loads too (a declined one
+        # runs on the CPU this step) or only to fills; default: min gates both, bypass fills only
+        self.gate_demand = (policy == "min") if gate_demand is None else bool(gate_demand)
+        self.wfreq = np.zeros((n_layers, n_experts), np.float64)  # bypass: decayed use counts
+        self._seen = np.zeros(n_layers, np.int64)  # accesses per layer so far (steps seen)
+        self._uses: list[dict] | None = None  # min: per layer {expert: sorted steps of its uses}
+        self.declined = self.fills = 0  # admissions the policy declined; fills admitted
+        if policy == "min":
+            if future is None:
+                raise CacheConfigError("policy 'min' (the oracle) needs future: per layer, per step, its experts")
+            self.set_future(future)
+            if warm in ("first", "future"):  # MIN's free warm start: the experts used soonest
+                self._fill_soonest()
+                warm = "none"
         if policy == "static":
             if static_counts is None:
                 raise CacheConfigError("policy 'static' needs static_counts (n_layers, n_experts)")
@@ -180,6 +215,36 @@ class ExpertCache:
             order = np.lexsort((np.arange(self.n_experts), -counts[layer]))
             out += [(layer, int(e)) for e in order[: self.capacity[layer]]]
         return out
+
+    def set_future(self, future) -> None:
+        """future[layer][step]: the experts the layer will access at its step-th access (counted
+        from this cache's first access). Used by policy 'min' only."""
+        if len(future) != self.n_layers:
+            raise CacheConfigError(f"future: expected {self.n_layers} layers, found {len(future)}")
+        self._uses = []
+        for layer, steps in enumerate(future):
+            u: dict[int, list[int]] = {}
+            for st, ex in enumerate(steps):
+                for e in ex:
+                    u.setdefault(int(e), []).append(st)
+            self._uses.append({e: np.asarray(v, np.int64) for e, v in u.items()})
+
+    def next_use(self, layer: int, expert: int) -> float:
+        """Step (of its layer) of the expert's next access not yet made, inf when none (policy min)."""
+        u = self._uses[layer].get(int(expert)) if self._uses is not None else None
+        if u is None:
+            return math.inf
+        i = int(np.searchsorted(u, self._seen[layer]))
+        return float(u[i]) if i < len(u) else math.inf
+
+    def _fill_soonest(self) -> None:
+        order = sorted(((self.next_use(layer, e), layer, e) for layer in range(self.n_layers)
+                        for e in range(self.n_experts)))
+        for nu, layer, e in order:
+            if nu == math.inf:
+                break
+            if self._free[self._pool(layer)]:
+                self._place((layer, e))
 
     def _fill(self, counts) -> None:
         for key in self._ranked(counts):
@@ -250,13 +315,17 @@ class ExpertCache:
         """The layer's activated experts this step (each once): count hits/misses, update
         recency/frequency, return each one's slot or None."""
         self._tick += 1
+        self._seen[layer] += 1
         out = []
         pool = self._res[self._pool(layer)]
+        if self.policy == "bypass":
+            self.wfreq[layer] *= 1.0 - 1.0 / self.window
         if self._guard:
             self._guard = {k for k in self._guard if k[0] != layer}
         for e in experts:
             key = (layer, int(e))
             self.freq[key] += 1
+            self.wfreq[key] += 1.0
             slot = pool.get(key)
             if slot is None:
                 self.misses += 1
@@ -270,11 +339,15 @@ class ExpertCache:
             out.append(slot)
         return out
 
-    def admit(self, layer: int, expert: int, *, prefetch: bool = False,
+    def admit(self, layer: int, expert: int, *, prefetch: bool = False, fill: bool = False,
               protect: Iterable[int] = ()) -> tuple[int | None, Key | None]:
         """Make `expert` resident: (slot, evicted (layer, expert) or None). Never evicts a pinned
         expert or one of `protect` (experts of this layer); (None, None) when nothing may go
-        (bypass: use a transient buffer). Already resident: (its slot, None)."""
+        (bypass: the expert is computed on the CPU and not cached) or, for the admission
+        policies (bypass, min), when the policy declines it: its predicted reuse does not beat
+        the victim's. Demand loads and fills are gated; prefetches (already chosen by predicted
+        gain) are not. fill=True: a copy of an expert this layer computed on the CPU, made in idle
+        link time for later steps (counted in `fills`). Already resident: (its slot, None)."""
         key = (layer, int(expert))
         pool = self._pool(layer)
         slot = self._res[pool].get(key)
@@ -289,8 +362,18 @@ class ExpertCache:
             if evicted is None:
                 self.bypass += 1
                 return None, None
+            if not prefetch and (fill or self.gate_demand) and not self._admits(key, evicted):
+                self.bypass += 1
+                self.declined += 1
+                return None, None
             self._evict(pool, evicted)
+        elif fill and not self._admits(key, None):
+            self.bypass += 1
+            self.declined += 1
+            return None, None
         self._tick += 1
+        if fill:
+            self.fills += 1
         slot = self._place(key)
         if prefetch:
             self._prefetched.add(key)
@@ -308,9 +391,45 @@ class ExpertCache:
             return None
         if self.policy == "lru":
             return min(cands, key=lambda k: self._last[k])
+        if self.policy == "bypass":
+            return min(cands, key=lambda k: (self.wfreq[k], self._last[k]))
+        if self.policy == "min":  # farthest next use; ties: least recent
+            return max(cands, key=lambda k: (self.next_use(*k), -self._last[k]))
         if self.policy == "lfu":
             return min(cands, key=lambda k: (self.freq[k], self._last[k]))
         return min(cands, key=lambda k: (self.scores[k], self._last[k]))  # mrs
+
+    def reuse_score(self, layer: int, expert: int) -> float:
+        """Predicted reuse the admission policies compare (higher = keep): bypass: windowed
+        frequency F; min: minus the step of the next use; others: 0."""
+        if self.policy == "bypass":
+            return float(self.wfreq[layer, expert])
+        if self.policy == "min":
+            return -self.next_use(layer, expert)
+        return 0.0
+
+    def _admits(self, key: Key, victim: Key | None) -> bool:
+        """Admission gate: does `key` (a miss) deserve a slot more than `victim` (None: a free
+        slot)? Always for mrs/lru/lfu (every miss is kept, as before)."""
+        if self.policy not in ADMISSION_POLICIES:
+            return True
+        if self.policy == "min":
+            nk = self.next_use(*key)
+            return nk < math.inf and (victim is None or nk < self.next_use(*victim))
+        if victim is None:
+            return True
+        return self.reuse_score(*key) > self.reuse_score(*victim)
+
+    def wants_fill(self, layer: int, expert: int, protect: Iterable[int] = ()) -> bool:
+        """Would a fill of this (non-resident) expert be admitted now (no state change)?"""
+        if self.policy not in ADMISSION_POLICIES or self.contains(layer, expert):
+            return False
+        pool = self._pool(layer)
+        key = (layer, int(expert))
+        if self._free[pool]:
+            return self._admits(key, None)
+        v = self._victim(pool, {(layer, int(e)) for e in protect}, demand=True)
+        return v is not None and self._admits(key, v)
 
     def _evict(self, pool: int, key: Key) -> None:
         slot = self._res[pool].pop(key)
@@ -337,4 +456,5 @@ class ExpertCache:
         n = self.hits + self.misses
         return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hits / n if n else 0.0,
                 "evictions": self.evictions, "bypass": self.bypass, "prefetch_used": self.prefetch_used,
-                "prefetch_wasted": self.prefetch_wasted, "prefetch_pending": len(self._prefetched)}
+                "prefetch_wasted": self.prefetch_wasted, "prefetch_pending": len(self._prefetched),
+                "declined": self.declined, "fills": self.fills}

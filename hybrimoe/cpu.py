@@ -36,8 +36,12 @@ except ImportError:  # pragma: no cover
 _EXT = None
 _EXT_ERR: Exception | None = None
 
-# Columns of the per-expert table handed to the extension (cpu_module.cpp, enum DescCol).
-_DESC_COLS = 11
+# One routed expert of a fused CPU job, as the extension reads it: struct JobExpert in
+# kernels/cpu/job.h (same names, same order, static_assert on its 88 bytes).
+JOB_EXPERT_FIELDS = ("gate", "gate_type", "up", "up_type", "down", "down_type", "inter", "tok", "n_tok", "tok64",
+                     "wts")
+JOB_EXPERT_DTYPE = np.dtype([(f, np.int64) for f in JOB_EXPERT_FIELDS])
+assert JOB_EXPERT_DTYPE.itemsize == 88
 
 
 def _ext():
@@ -317,7 +321,8 @@ def _moe_prepare(x, experts, token_ids, weights, out):
             raise KernelInputError(_fmt(f"weights[{e}]", "must have one weight per token id", tk.shape, w.shape))
         rows.append((*ex.ptrs, _ptr(tk), tk.size, tk.dtype == np.int64, _ptr(w)))
         keep += [ex, tk, w]
-    desc = np.array(rows, dtype=np.int64).reshape(E, _DESC_COLS)
+    # rows built as plain tuples (JobExpert field order) and converted once
+    desc = np.array(rows, dtype=np.int64).reshape(E, len(JOB_EXPERT_FIELDS)).view(JOB_EXPERT_DTYPE).reshape(E)
     oh, op = _out(out, was_torch, (T, H))
     return (xp, bf16, T, H, op, desc), oh, keep
 

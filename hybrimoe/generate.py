@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from .cache import RUNTIME_POLICIES
+
 
 def _parse_bytes(s: str) -> int:
     s = s.strip().upper()
@@ -46,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "every expert is copied in when the GPU runs it)")
     g.add_argument("--gpu-budget", type=_parse_bytes, default=None, help="GPU bytes for experts, shared by layers")
     p.add_argument("--prefetch-size", type=int, default=0, help="experts prefetched per layer (0 = off)")
-    p.add_argument("--policy", choices=("mrs", "lru", "lfu", "static"), default="mrs")
+    p.add_argument("--policy", choices=RUNTIME_POLICIES, default="mrs",
+                   help="expert cache policy (bypass: admission by windowed frequency, fills in idle link time)")
     p.add_argument("--schedule", choices=("hybrid", "kt-static", "gpu-only", "cpu-only", "seed"), default="hybrid")
     p.add_argument("--cpu-threads", type=int, default=None, help="CPU kernel threads, 0..1024 (default or 0: physical "
                    "cores; one less with CUDA, where the Python thread drives the GPU)")
@@ -137,7 +140,7 @@ def load(args):
     cfg = RuntimeConfig(cache_size=args.cache_size, gpu_budget=args.gpu_budget, policy=args.policy,
                         schedule=args.schedule, prefetch_size=args.prefetch_size, device=str(device),
                         emulate_gpu=args.emulate_gpu, cpu_threads=args.cpu_threads, costs=args.costs,
-                        record_timeline=bool(args.timeline or args.plot),
+                        record_timeline=bool(args.timeline or args.plot), record_routing=bool(args.trace_out),
                         static_counts=None)
     if args.policy == "static":
         import numpy as np
@@ -149,7 +152,6 @@ def load(args):
         print("[hybrimoe] no CUDA: every routed expert runs on the CPU kernels "
               "(--emulate-gpu exercises the cache/scheduler/prefetch with a host-side GPU)")
     runtime = HybridRuntime(store, cfg)
-    runtime.record_routing = bool(args.trace_out)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, _, _ = load_gguf_model(gm, device=device, dtype=dtype, progress=True, store=store,
                                   moe_factory=hybrid_factory(runtime), dense=args.dense)
@@ -213,7 +215,7 @@ def generate_ids(model, input_ids, max_new_tokens, runtime=None, eos_id=None, te
     prefill time then covers only the tokens fed."""
     t0 = time.perf_counter()
     if runtime is not None:
-        runtime.step = 0
+        runtime.new_sequence()
     prompt = input_ids[0].tolist() if input_ids.shape[0] == 1 else None
     past, start = None, 0
     if session is not None and session.past is not None and prompt is not None:
@@ -240,7 +242,7 @@ def generate_ids(model, input_ids, max_new_tokens, runtime=None, eos_id=None, te
         if eos_id is not None and new[-1] == eos_id or step == max_new_tokens - 1:
             break
         if runtime is not None:
-            runtime.step = step + 1
+            runtime.next_step()
         out = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
         past = out.past_key_values
         logits = out.logits[:, -1].float()

@@ -7,10 +7,10 @@
 
 Per step (one decode token, or a `chunk` of prefill tokens) and per MoE layer L:
     GPU  dense part of L (attention, shared experts)                      costs.dense_time
-    cache.observe(L, scores); cache.access(L, activated)                  hit/miss statistics
     in-flight prefetches of L's activated experts become L's first transfers (demand priority)
-    plan = scheduler.plan(L, ...)                                          the same object as the runtime
-    loads admitted (never evicting experts pinned for L), lanes advance by the plan's times
+    hybrimoe.step.decide: observe -> access -> plan -> pin -> admit, the runtime's own sequence
+    (the same cache, scheduler and prefetcher objects); a load the cache refuses runs on the CPU
+    and the plan is re-timed that way; lanes advance by the plan's times
     prefetcher.choose(...) with predictions for L+1..L+3; prefetches queue on the PCIe lane in the
     idle time the plan leaves (they never delay a demand load; see `simulate`'s pcie models)
 Layer time = dense + plan.makespan; the next layer starts when both CPU and GPU are done.
@@ -39,13 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import ExpertCache
+from .cache import POLICIES, ExpertCache
 from .costs import CostModel, resolve
 from .prefetch import Prediction, Prefetcher, idle_budget
-from .scheduler import plan
+from .step import decide, fill, release
+from .step import prefetch as prefetch_step
 from .traces import Trace, load_trace
 
-POLICIES = ("mrs", "lru", "lfu", "static")
 
 
 # ------------------------------------------------------------------------------ predictors
@@ -176,7 +176,8 @@ PCIE_MODELS = ("whole", "preemptive")
 
 def simulate(trace: Trace, cache: ExpertCache, costs: CostModel, mode: str = "hybrid",
              prefetcher: Prefetcher | None = None, predictor=None, *, chunk: int = 1,
-             tokens: np.ndarray | None = None, log: bool = False, pcie: str = "whole") -> SimResult:
+             tokens: np.ndarray | None = None, log: bool = False, pcie: str = "whole",
+             fill_span: int | None = None) -> SimResult:
     """Replay `trace` (all tokens, or the index array `tokens`) through cache/scheduler/prefetcher.
 
     pcie: how a prefetch shares the link with demand loads.
@@ -186,6 +187,11 @@ def simulate(trace: Trace, cache: ExpertCache, costs: CostModel, mode: str = "hy
                     block that layer's loads (logged as head_block; the budget keeps it 0).
       "preemptive"  demand loads overtake a running prefetch (chunked copies); a prefetch may span
                     layers, so the budget for layer L+d is d times this layer's idle time.
+    Fills (admission policies, hybrimoe.step.fill) queue on the link like prefetches, before them,
+    in `fill_span` times this layer's idle window less the backlog. Default: the number of layers
+    with "preemptive" (a fill is for this layer's next step; demand loads overtake it); with
+    "whole", 1 plus the following layers that lately made no demand loads (a whole-expert copy
+    still running when a layer starts delays its loads: head_block, timed like any other).
     """
     if pcie not in PCIE_MODELS:
         raise ValueError(f"pcie model {pcie!r} (expected one of {PCIE_MODELS})")
@@ -198,6 +204,7 @@ def simulate(trace: Trace, cache: ExpertCache, costs: CostModel, mode: str = "hy
     rows = []
     n_tok = 0
     in_flight_hits = 0  # hits on prefetches whose transfer had not finished at routing time
+    load_ema = np.zeros(L)  # per layer: how often its steps made demand loads lately (fill span)
 
     def advance(until: float):
         """Let queued prefetches use the idle link from max(q_time, pcie_free) to `until`."""
@@ -219,12 +226,9 @@ def simulate(trace: Trace, cache: ExpertCache, costs: CostModel, mode: str = "hy
             t += costs.dense_time(layer, T)
             advance(t)
             ids, cnt = np.unique(trace.expert_ids[step, layer].ravel(), return_counts=True)
-            cache.observe(layer, trace.score_matrix(step, layer))
-            cache.access(layer, ids)
+            # in-flight prefetches of experts this layer uses go first on the link (residency is
+            # what the previous layers left: observe/access below change no residency)
             in_flight_hits += sum(1 for j in queue if j[0] == layer and j[1] in ids)
-            if prefetcher is not None:
-                prefetcher.record(layer, ids)
-            # in-flight prefetches of experts this layer uses go first on the link
             act = set(ids.tolist())
             ready, busy = {}, 0.0
             keep = []
@@ -240,35 +244,51 @@ def simulate(trace: Trace, cache: ExpertCache, costs: CostModel, mode: str = "hy
                 head_block = queue.pop(0)[2]
                 ready = {e: r + head_block for e, r in ready.items()}
                 busy += head_block
-            pl = plan(layer, ids, cnt, cache, costs, mode, pcie_busy=busy, ready=ready, with_events=log)
-            cache.pin(layer, pl.gpu)
-            for e in pl.loads:
-                _, ev = cache.admit(layer, e)
-                if ev is not None:
-                    queue[:] = [j for j in queue if (j[0], j[1]) != ev]
-                cache.pin(layer, [e])
+            # observe -> access -> plan -> pin -> admit, the runtime's own sequence (hybrimoe.step):
+            # a load the cache refuses runs on the CPU, and d.plan is timed that way
+            d = decide(cache, costs, mode, layer, ids, cnt, trace.score_matrix(step, layer), prefetcher=prefetcher,
+                       pcie_busy=busy, ready=ready, with_events=log)
+            pl = d.plan
+            for ev in d.evicted:
+                queue[:] = [j for j in queue if (j[0], j[1]) != ev]
             pcie_free = t + pl.pcie_end
             q_time = max(q_time, t)
             end = t + pl.makespan
             if log:
                 rows.append({"layer": layer, "start": t, "pcie_busy": busy, "promoted": sorted(ready),
                              "head_block": head_block,
-                             "backlog": sum(j[2] for j in queue), "plan": pl})
+                             "backlog": sum(j[2] for j in queue), "plan": pl, "decision": d, "prefetches": []})
+            nd = costs.dense_time(layer + 1, T) if layer + 1 < L else costs.dense_time(0, 1)
+            load_ema[layer] = 0.9 * load_ema[layer] + 0.1 * (len(d.loads) > 0)
+            if fill_span is not None:
+                span = fill_span
+            elif pcie == "preemptive":
+                span = L
+            else:  # whole copies: up to the next layer that recently made demand loads
+                span = 1
+                while span < L and load_ema[(layer + span) % L] < 0.05:
+                    span += 1
+            w = max(0.0, pl.makespan - pl.pcie_end) + nd
+            for fd in fill(cache, costs, d, idle_s=span * w - sum(j[2] for j in queue)):
+                if log:
+                    rows[-1].setdefault("fills", []).append(fd)
+                if fd.evicted is not None:
+                    queue[:] = [j for j in queue if (j[0], j[1]) != fd.evicted]
+                queue.append([layer, fd.expert, fd.transfer, fd.transfer])
             if prefetcher is not None and predictor is not None:
                 preds = predictor.predict(step, layer, prefetcher.horizon)
                 nd = costs.dense_time(layer + 1, T) if layer + 1 < L else 0.0
                 backlog = sum(j[2] for j in queue)
                 idle = idle_budget(layer, pl.makespan, pl.pcie_end, nd, backlog, prefetcher.horizon, L,
                                    spans_layers=(pcie == "preemptive"))
-                for o in prefetcher.choose(layer, preds, cache, idle_before=idle):
-                    slot, ev = cache.admit(o.layer, o.expert, prefetch=True,
-                                           protect=preds[o.layer].experts)
-                    if slot is None:
-                        continue
-                    if ev is not None:
-                        queue[:] = [j for j in queue if (j[0], j[1]) != ev]
+                for pd in prefetch_step(cache, prefetcher, layer, preds, idle_before=idle):
+                    o = pd.order
+                    if log:
+                        rows[-1]["prefetches"].append(pd)
+                    if pd.evicted is not None:
+                        queue[:] = [j for j in queue if (j[0], j[1]) != pd.evicted]
                     queue.append([o.layer, o.expert, o.transfer, o.transfer])  # layer, expert, left, total
-            cache.unpin(layer)
+            release(cache, layer)
             advance(end)
             t = end
         if predictor is not None:
@@ -377,21 +397,26 @@ def lower_bound(trace: Trace, costs: CostModel, capacity: int, chunk: int = 1, t
 
 
 # ------------------------------------------------------------------------------ drivers
-def make_cache(trace: Trace, policy: str, capacity: int, static_counts=None) -> ExpertCache:
+def make_cache(trace: Trace, policy: str, capacity: int, static_counts=None, chunk: int = 1, tokens=None,
+               **kw) -> ExpertCache:
     """Per-layer cache for a trace; `static` takes counts of the whole trace unless given
-    (a hindsight-best fixed set: the most optimistic static)."""
+    (a hindsight-best fixed set: the most optimistic static); `min` (the oracle) is given the
+    trace's future, step by step as `simulate` will replay it with this chunk and tokens."""
     if policy == "static" and static_counts is None:
         static_counts = trace.counts()
+    if policy == "min":
+        reqs = step_requests(trace, chunk, tokens)
+        kw["future"] = [[r[layer].tolist() for r in reqs] for layer in range(trace.n_layers)]
     return ExpertCache(trace.n_layers, trace.n_experts, capacity=capacity, policy=policy,
-                       top_k=trace.top_k, static_counts=static_counts)
+                       top_k=trace.top_k, static_counts=static_counts, **kw)
 
 
 def run_one(trace, costs, policy, capacity, mode="hybrid", prefetch_size=0, predictor="learned", chunk=1,
-            horizon=3, pcie="whole") -> SimResult:
-    cache = make_cache(trace, policy, capacity)
+            horizon=3, pcie="whole", fill_span=None, **cache_kw) -> SimResult:
+    cache = make_cache(trace, policy, capacity, chunk=chunk, **cache_kw)
     pf = Prefetcher(costs, prefetch_size, horizon, mode) if prefetch_size > 0 else None
     pr = make_predictor(predictor, trace, horizon) if pf is not None else None
-    return simulate(trace, cache, costs, mode, pf, pr, chunk=chunk, pcie=pcie)
+    return simulate(trace, cache, costs, mode, pf, pr, chunk=chunk, pcie=pcie, fill_span=fill_span)
 
 
 def sweep(trace: Trace, costs: CostModel, fractions=(0.25, 0.5, 0.75), prefetch=(0, 2),

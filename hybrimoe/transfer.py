@@ -131,6 +131,15 @@ class TransferEngine:
             done += part.numel()
         return done
 
+    def has_pending(self) -> bool:
+        """Are prefetch chunks queued (not yet issued)?"""
+        return bool(self._pending)
+
+    def reset_stats(self) -> None:
+        """Forget the traffic so far (statistics and recorded events), e.g. after a warm start."""
+        self.stats = TransferStats()
+        self.events.clear()
+
     def pending_bytes(self) -> int:
         return sum(min(self.chunk_bytes, p[2].numel() - p[3]) for p in self._pending)
 

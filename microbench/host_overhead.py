@@ -76,7 +76,7 @@ def run(store, gm, mode: str, prefetch: int, steps: int, trace, seed: int = 0) -
     per_layer = []  # (sync, plan, prefetch) seconds of each layer call
     with torch.no_grad():
         for step in range(steps):
-            rt.step = step + 1
+            rt.next_step()
             for mod in layers:
                 st = rt.stats[mod.layer]
                 before = (st.sync_s, st.plan_s, st.prefetch_s)

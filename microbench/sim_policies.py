@@ -53,12 +53,43 @@ def flat_rows(sets) -> list[dict]:
     return rows
 
 
+ADMISSION_VARIANTS = (  # (label, policy, cache keyword arguments, prefetch size)
+    ("mrs", "mrs", {}, 0), ("lfu", "lfu", {}, 0), ("static*", "static", {}, 0), ("bypass", "bypass", {}, 0),
+    ("min", "min", {}, 0), ("min-keep", "min", {"gate_demand": False}, 0),
+    ("mrs+pf2", "mrs", {}, 2), ("bypass+pf2", "bypass", {}, 2))
+
+
+def admission_table(tr, costs, fractions=(0.25, 0.5, 0.75), pcies=("whole", "preemptive")) -> list[dict]:
+    """Hybrid schedule, policy x cache size x link model: the admission policies (bypass, the
+    min oracle and its variant that keeps every demand load) beside mrs, lfu and the hindsight
+    static set; prefetch 2 with the learned predictor for mrs and bypass."""
+    rows = []
+    for f in fractions:
+        cap = max(tr.top_k, round(f * tr.n_experts))
+        for pcie in pcies:
+            for label, pol, kw, pf in ADMISSION_VARIANTS:
+                t0 = time.time()
+                r = run_one(tr, costs, pol, cap, "hybrid", pf, "learned", pcie=pcie, **kw)
+                st = r.stats
+                rows.append({"cache_frac": f, "capacity": cap, "variant": label, "policy": pol, "prefetch": pf,
+                             "pcie": pcie, "hit_rate": st["hit_rate"], "ms_per_token": 1e3 * r.s_per_token,
+                             "fills": st["fills"], "declined": st["declined"], "evictions": st["evictions"],
+                             "prefetch_used": st["prefetch_used"], "prefetch_wasted": st["prefetch_wasted"],
+                             "tokens": r.n_tokens, "run_s": round(time.time() - t0, 1)})
+                print(f"  {f:.0%} {pcie:>10} {label:>10}: hit {st['hit_rate']:.3f} {1e3 * r.s_per_token:8.3f} ms/token"
+                      f" fills {st['fills']} declined {st['declined']}", flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--traces", default=str(ROOT.parent / "shared" / "traces"))
     ap.add_argument("--json", "--out", dest="out", default=None, help="result JSON (default microbench/results/...)")
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="first 120 tokens of each trace")
+    ap.add_argument("--admission-only", action="store_true",
+                    help="only the admission-policy table (bypass, min oracle) per trace")
+    ap.add_argument("--set", default=None, help="only the trace set whose label starts with this")
     a = ap.parse_args()
     if a.quick and not a.max_tokens:
         a.max_tokens = 120
@@ -73,11 +104,19 @@ def main() -> int:
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "commit": commit(), "device": "simulated (cost model paper-a6000)", "sets": []}
     for label, (paths, model) in sets.items():
+        if a.set and not label.startswith(a.set):
+            continue
         tr = _concat([load_trace(p) for p in paths])
         if a.max_tokens:
             tr = tr.subset(slice(0, a.max_tokens))
         costs = CostModel.paper_a6000(model)
         t0 = time.time()
+        if a.admission_only:
+            print(f"## {label}: {tr.n_tokens} tokens, admission policies (hybrid)", flush=True)
+            out["sets"].append({"label": label, "trace": tr.name, "tokens": tr.n_tokens, "layers": tr.n_layers,
+                                "top_k": tr.top_k, "experts": tr.n_experts, "costs": costs.name,
+                                "admission": admission_table(tr, costs)})
+            continue
         rows = sweep(tr, costs, predictor="learned")
         cap25 = max(tr.top_k, round(0.25 * tr.n_experts))
         extra = []  # prefetch 2 with the other predictor and link model (mrs, lru)
@@ -108,7 +147,13 @@ def main() -> int:
                             "costs_model": json.loads(costs.to_json()), "rows": rows, "prefetch_variants": extra,
                             "schedules": sched})
     out["bench"] = "sim_policies"
-    out["rows"] = flat_rows(out["sets"])
+    if a.admission_only:
+        out["rows"] = [{"name": f"{s['trace']}/{r['variant']}/cache{round(r['cache_frac'] * 100)}%/{r['pcie']}",
+                        "shape": f"{s['experts']} experts top-{s['top_k']} x {s['layers']} layers ({s['costs']})",
+                        "tokens": s["tokens"], "median_us": 1e3 * r["ms_per_token"], "hit_rate": r["hit_rate"]}
+                       for s in out["sets"] for r in s["admission"]]
+    else:
+        out["rows"] = flat_rows(out["sets"])
     path = Path(a.out) if a.out else ROOT / "microbench" / "results" / f"sim_sweep_{datetime.date.today()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))

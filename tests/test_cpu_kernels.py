@@ -324,3 +324,18 @@ def test_error_in_worker_raises_at_wait(rng):
     assert good.wait().shape == (4, H)
     with pytest.raises(ValueError, match="out of range"):
         cpu.moe_ffn_submit(x, experts, [np.array([-1]), np.array([1])], [np.ones(1), np.ones(1)]).wait()
+
+
+@pytest.mark.parametrize("scalar", [False, True], ids=["simd", "portable"])
+def test_read_sum_reads_every_byte_once(rng, scalar):
+    """The read ceiling of microbench/cpu_kernels.py must read the whole buffer: its result is the
+    buffer's 64-bit words summed (mod 2^64), over chunk boundaries and several threads."""
+    cpu._ext()._set_generic_scalar(scalar)
+    for threads in (1, 2):
+        cpu.set_num_threads(threads)
+        for n in (128, 256 << 10, 3 * (256 << 10) + 128 * 7):
+            b = rng.integers(0, 256, n, dtype=np.uint8)
+            want = int(b.view(np.uint64).sum(dtype=np.uint64))
+            assert cpu._ext()._read_sum(b.ctypes.data, n) == want
+            b[n - 1] ^= 1  # the last byte counts too
+            assert cpu._ext()._read_sum(b.ctypes.data, n) != want

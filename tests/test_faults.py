@@ -84,12 +84,18 @@ class _FailingCPU:
     def __getattr__(self, name):
         return getattr(self._real, name)
 
-    def moe_ffn_submit(self, x, experts, toks, ws, out=None):
+    def _inject(self, x, toks):
         self.calls += 1
         if self.calls == self._at:
             toks = [t.copy() for t in toks]
             toks[0][0] = x.shape[0] + 7  # bad input injected into this layer's job
-        return self._real.moe_ffn_submit(x, experts, toks, ws, out=out)
+        return toks
+
+    def moe_ffn_submit(self, x, experts, toks, ws, out=None):
+        return self._real.moe_ffn_submit(x, experts, self._inject(x, toks), ws, out=out)
+
+    def moe_ffn(self, x, experts, toks, ws, out=None):  # cpu-only: the job runs on the calling thread
+        return self._real.moe_ffn(x, experts, self._inject(x, toks), ws, out=out)
 
 
 def _after_fault_refuses(model, rt):
@@ -107,11 +113,11 @@ def test_cpu_job_that_raises(tiny, fresh_tokens):
         pytest.skip("the CPU kernel extension is not built")
     n0 = _tasks()
     model, rt = _build(tiny, schedule="cpu-only")
-    rt.cpu = _FailingCPU(rt.cpu, at=7)  # a layer of the first decode steps
+    rt.cpu_side.cpu = _FailingCPU(rt.cpu_side.cpu, at=7)  # a layer of the first decode steps
     with pytest.raises(Exception) as ei:
         generate_ids(model, PROMPT, N_NEW, rt)
     assert "Traceback" not in str(ei.value) and str(ei.value)
-    assert rt.cpu.calls == 7  # nothing ran after the failing layer
+    assert rt.cpu_side.cpu.calls == 7  # nothing ran after the failing layer
     _after_fault_refuses(model, rt)
     rt.close()
     model, rt = _build(tiny, schedule="cpu-only")

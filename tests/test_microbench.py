@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,19 @@ def test_quick_run_writes_the_result_document(stem, tmp_path):
     keys = set().union(*rows)
     assert any(k.startswith("x_vs_") for k in keys), f"no speed-up column in {sorted(keys)}"
     assert any(k.startswith("frac_of_") for k in keys), f"no fraction-of-ceiling column in {sorted(keys)}"
+
+
+def test_cpu_kernels_quick_on_the_generic_tier(tmp_path):
+    """CI runs on AVX-512 and on AVX2-only machines: forced to the portable tier, the CPU kernel
+    benchmark must still run (an AVX-512-only entry called without checking the tier fails here on
+    every machine, not only on the AVX2 one)."""
+    out = tmp_path / "cpu_kernels.json"
+    env = dict(os.environ, HYBRIMOE_CPU_TIER="generic")
+    r = subprocess.run([sys.executable, str(BENCH / "cpu_kernels.py"), "--quick", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and not any(row.get("act") == "f32" for row in rows)  # the AVX-512 probe was skipped
 
 
 def test_report_renders_results_and_names_bad_files(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hybrimoe.cache import POLICIES
 from hybrimoe.costs import CostModel, LayerCost
 from hybrimoe.prefetch import Prefetcher
 from hybrimoe.sim import (DegradedPredictor, LearnedPredictor, OraclePredictor, belady_hits, lower_bound, main,
@@ -131,7 +132,7 @@ def test_cli_single_run_and_sweep(tmp_path, capsys):
     js = tmp_path / "sweep.json"
     assert main(["--trace", str(MIXTRAL), "--sweep", "--max-tokens", "10", "--json", str(js)]) == 0
     rows = json.loads(js.read_text())["rows"]
-    assert len(rows) == 4 * 3 * 2
+    assert len(rows) == len(POLICIES) * 3 * 2
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -73,6 +73,13 @@ void q4k_rows_f32act_avx512(const uint8_t* w, size_t row_bytes, int cols, int r0
                             const void* const* x, int T, float* y, size_t ldy);
 #endif
 
+// Measurement only (microbench/cpu_kernels.py's read ceiling): the sum of n bytes read once,
+// streaming. Portable (tier_ref.cpp) and AVX2 (tier_avx2.cpp; call only where the CPU has AVX2).
+uint64_t read_sum_portable(const uint8_t* p, size_t n);
+#if defined(__x86_64__) || defined(_M_X64)
+uint64_t read_sum_avx2(const uint8_t* p, size_t n);
+#endif
+
 // Activation quantizers (portable; tier_ref.cpp).
 void quantize_row_f32(const float* x, int n, void* dst);
 void quantize_row_q8K(const float* x, int n, void* dst);

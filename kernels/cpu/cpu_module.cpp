@@ -25,6 +25,7 @@
 
 #include "blocks.h"
 #include "cpu_kernels.h"
+#include "job.h"
 #include "pool.h"
 
 namespace py = pybind11;
@@ -295,10 +296,7 @@ void run_gemm(const GemmArgs& a, const TierOps* ops) {
 
 // ------------------------------------------------------------------------------ MoE FFN ---
 
-// One row of the expert descriptor table built by hybrimoe/cpu.py (int64, DESC_COLS columns).
-enum DescCol {
-    D_GATE = 0, D_GATE_T, D_UP, D_UP_T, D_DOWN, D_DOWN_T, D_INTER, D_TOK, D_NTOK, D_TOK64, D_WTS, DESC_COLS
-};
+// The expert descriptor table built by hybrimoe/cpu.py is an array of JobExpert (job.h).
 
 struct Expert {
     const uint8_t* w[3];  // gate, up, down
@@ -445,24 +443,27 @@ void run_moe(const MoeArgs& a, const TierOps* ops) {
 template <class T>
 T* ptr_of(uint64_t p) { return reinterpret_cast<T*>((uintptr_t)p); }
 
-MoeArgs make_moe_args(uint64_t x, bool bf16, int T, int H, uint64_t out, py::array_t<int64_t, py::array::c_style> desc) {
-    if (desc.ndim() != 2 || desc.shape(1) != DESC_COLS)
-        throw std::invalid_argument("moe_ffn: expert table must be int64 (E, " + std::to_string(DESC_COLS) + ")");
+MoeArgs make_moe_args(uint64_t x, bool bf16, int T, int H, uint64_t out, const py::array& desc) {
+    if (desc.ndim() != 1 || desc.itemsize() != (py::ssize_t)sizeof(JobExpert) || !(desc.flags() & py::array::c_style))
+        throw std::invalid_argument("moe_ffn: expert table must be a contiguous 1-D array of JobExpert (" +
+                                    std::to_string(sizeof(JobExpert)) + "-byte records, hybrimoe.cpu.JOB_EXPERT_DTYPE)");
     if (T < 0 || H <= 0) throw std::invalid_argument("moe_ffn: bad x shape");
     MoeArgs a{ptr_of<const void>(x), bf16, T, H, ptr_of<float>(out), {}};
-    auto d = desc.unchecked<2>();
+    const JobExpert* rows = static_cast<const JobExpert*>(desc.data());
     for (py::ssize_t e = 0; e < desc.shape(0); ++e) {
+        const JobExpert& d = rows[e];
         Expert x;
         const char* names[3] = {"gate", "up", "down"};
+        const int64_t w[3] = {d.gate, d.up, d.down}, ty[3] = {d.gate_type, d.up_type, d.down_type};
         for (int m = 0; m < 3; ++m) {
-            x.w[m] = ptr_of<const uint8_t>((uint64_t)d(e, 2 * m));
-            x.type[m] = (int)d(e, 2 * m + 1);
+            x.w[m] = ptr_of<const uint8_t>((uint64_t)w[m]);
+            x.type[m] = (int)ty[m];
         }
-        x.inter = (int)d(e, D_INTER);
-        x.tok = ptr_of<const void>((uint64_t)d(e, D_TOK));
-        x.n_tok = (int)d(e, D_NTOK);
-        x.tok64 = d(e, D_TOK64) != 0;
-        x.wts = ptr_of<const float>((uint64_t)d(e, D_WTS));
+        x.inter = (int)d.inter;
+        x.tok = ptr_of<const void>((uint64_t)d.tok);
+        x.n_tok = (int)d.n_tok;
+        x.tok64 = d.tok64 != 0;
+        x.wts = ptr_of<const float>((uint64_t)d.wts);
         const std::string pre = "moe_ffn: expert " + std::to_string(e) + " ";
         check_matrix((pre + names[0]).c_str(), x.type[0], H);
         check_matrix((pre + names[1]).c_str(), x.type[1], H);
@@ -524,7 +525,10 @@ class Handle {
 using namespace hybrimoe::cpu;
 using hybrimoe::QType;
 
+void register_engine(py::module_& m);  // engine.cpp: the native per-layer decision engine
+
 PYBIND11_MODULE(_cpu, m) {
+    register_engine(m);
     m.doc() = "hybrimoe CPU kernels on raw GGUF blocks (use hybrimoe.cpu, which validates inputs)";
     m.def("tier", &current_tier, "Active tier: 'ref', 'generic' or 'avx512'.");
     m.def("available_tiers", &available_tiers, "Tiers this CPU can run, slowest first.");
@@ -558,7 +562,7 @@ PYBIND11_MODULE(_cpu, m) {
 
     m.def(
         "moe_ffn",
-        [](uint64_t x, bool bf16, int T, int H, uint64_t out, py::array_t<int64_t, py::array::c_style> desc) {
+        [](uint64_t x, bool bf16, int T, int H, uint64_t out, const py::array& desc) {
             const TierOps* ops = current_ops();
             MoeArgs a = make_moe_args(x, bf16, T, H, out, desc);
             py::gil_scoped_release nogil;
@@ -569,7 +573,7 @@ PYBIND11_MODULE(_cpu, m) {
 
     m.def(
         "moe_ffn_submit",
-        [](uint64_t x, bool bf16, int T, int H, uint64_t out, py::array_t<int64_t, py::array::c_style> desc,
+        [](uint64_t x, bool bf16, int T, int H, uint64_t out, const py::array& desc,
            py::object keep) {
             const TierOps* ops = current_ops();
             auto args = std::make_shared<MoeArgs>(make_moe_args(x, bf16, T, H, out, desc));
@@ -584,6 +588,18 @@ PYBIND11_MODULE(_cpu, m) {
         },
         py::arg("x"), py::arg("bf16"), py::arg("T"), py::arg("H"), py::arg("out"), py::arg("desc"), py::arg("keep"),
         "Queue moe_ffn on the pool's driver thread; returns a Handle at once. `keep` is returned by wait().");
+
+    m.def(
+        "job_expert_layout",
+        [] {
+            py::dict d;
+#define HM_FIELD(f) d[#f] = offsetof(JobExpert, f)
+            HM_FIELD(gate); HM_FIELD(gate_type); HM_FIELD(up); HM_FIELD(up_type); HM_FIELD(down);
+            HM_FIELD(down_type); HM_FIELD(inter); HM_FIELD(tok); HM_FIELD(n_tok); HM_FIELD(tok64); HM_FIELD(wts);
+#undef HM_FIELD
+            return py::make_tuple(sizeof(JobExpert), d);
+        },
+        "(sizeof(JobExpert), {field: byte offset}): the C++ side of hybrimoe.cpu.JOB_EXPERT_DTYPE.");
 
     py::class_<Handle>(m, "Handle")
         .def("wait", &Handle::wait, "Block (GIL released) until done; re-raise the job's error; return `keep`.")
@@ -605,11 +621,46 @@ PYBIND11_MODULE(_cpu, m) {
         },
         "Measurement only: memcpy on the kernel thread pool.");
 
+    m.def(
+        "_read_sum",
+        [](uint64_t src, uint64_t nbytes) {
+            // The read ceiling of microbench/cpu_kernels.py: every byte read once (a sum), split over
+            // the same pool and threads as the kernels, in the same 256 KiB chunks as _memcpy.
+            constexpr size_t CH = 256 << 10;
+            py::gil_scoped_release nogil;
+            std::lock_guard<std::mutex> lk(ctx().run_mu_);
+            const int n = (int)((nbytes + CH - 1) / CH);
+            std::vector<uint64_t> part((size_t)n);
+#if defined(__x86_64__) || defined(_M_X64)
+            const bool avx2 = features().avx2 && !g_generic_scalar;  // the testing aid picks the portable sum
+#else
+            const bool avx2 = false;
+#endif
+            ctx().pool().parallel_for(n, [&](int k, int) {
+                const size_t o = (size_t)k * CH, len = std::min<size_t>(CH, nbytes - o);
+                const uint8_t* p = ptr_of<const uint8_t>(src) + o;
+#if defined(__x86_64__) || defined(_M_X64)
+                part[k] = avx2 ? read_sum_avx2(p, len) : read_sum_portable(p, len);
+#else
+                part[k] = read_sum_portable(p, len);
+#endif
+            });
+            uint64_t s = 0;
+            for (uint64_t v : part) s += v;
+            return s;
+        },
+        "Measurement only: a streaming read on the kernel thread pool; returns the sum of the buffer as 64-bit\n"
+        "words mod 2^64 (for a length that is a multiple of 128).");
+
 #if defined(__x86_64__) || defined(_M_X64)
     m.def(
         "_gemm_q4k_f32act",
         [](uint64_t w, int rows, int cols, uint64_t x, int T, uint64_t out) {
-            if (!features().avx512) throw std::runtime_error("_gemm_q4k_f32act needs AVX-512");
+            // Checks the active tier, not only the CPU: a caller that forgets to check then fails on every
+            // machine once the tier is forced to generic (as tests/test_microbench.py does).
+            if (current_tier() != "avx512")
+                throw std::runtime_error(std::string("_gemm_q4k_f32act needs the avx512 tier (active: ") +
+                                         current_tier() + ")");
             check_matrix("weight", (int)QType::Q4_K, cols);
             py::gil_scoped_release nogil;
             std::lock_guard<std::mutex> lk(ctx().run_mu_);

@@ -263,5 +263,19 @@ const TierOps& generic_scalar_ops() {
     return ops;
 }
 
+uint64_t read_sum_portable(const uint8_t* p, size_t n) {
+    uint64_t a[4] = {0, 0, 0, 0};
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        for (int k = 0; k < 4; ++k) {
+            uint64_t v;
+            std::memcpy(&v, p + i + 8 * k, 8);
+            a[k] += v;
+        }
+    }
+    for (; i < n; ++i) a[0] += p[i];
+    return a[0] + a[1] + a[2] + a[3];
+}
+
 }  // namespace cpu
 }  // namespace hybrimoe

@@ -1,0 +1,225 @@
+"""The native per-layer decision engine (kernels/cpu/engine.cpp) behind the ExpertCache interface.
+
+    cache = NativeCache.from_cache(ExpertCache(...), costs)   # same residents, slots, ticks
+    d = step.decide(cache, costs, mode, layer, experts, counts, scores)   # ONE native call
+
+`NativeCache` keeps the cache's state in C++ and answers the calls the rest of the runtime makes
+on an ExpertCache (contains, lookup, resident, can_admit, admit, access, observe, pin, unpin,
+stats, ...), so the Python prefetcher and the transfer bookkeeping work on it unchanged. Its
+`decide` does observe -> access -> plan -> pin -> admit in one call with the GIL released (the
+C++ twin of hybrimoe.step.decide with hybrimoe.scheduler.plan); the Python policies stay the
+readable reference and tests/test_engine.py requires identical decisions step by step.
+
+The cost model stays calibrated in Python and reaches the engine as numbers: per cost layer,
+cpu_time(n) and gpu_time(n) for n = 0..N (tables, grown when a layer sees more tokens), the
+transfer time and the two layer overheads.
+
+Not native yet: the prefetch choice (hybrimoe.prefetch.Prefetcher, Python, calling contains /
+can_admit / admit on this cache) and the CPU job's submission (hybrimoe.cpu).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .cache import CacheConfigError, ExpertCache
+
+# The policies the engine implements, in the order of its policy codes (engine.h). The admission
+# policies (bypass, min: hybrimoe.cache) have only their Python implementation.
+ENGINE_POLICIES = ("mrs", "lru", "lfu", "static")
+from .scheduler import MODES, SEED_CONSTANTS, Plan, ScheduleError
+
+# struct DecideHeader (kernels/cpu/engine.h): the counts at the head of decide()'s int32 output
+HEADER_FIELDS = ("hits", "n_gpu", "n_loads", "n_cpu", "n_admitted", "n_refused", "n_evicted", "n_cpu_final")
+HEADER_DTYPE = np.dtype([(f, np.int32) for f in HEADER_FIELDS])
+assert HEADER_DTYPE.itemsize == 32
+
+
+def _ext():
+    from . import cpu
+
+    return cpu._ext()
+
+
+def available() -> bool:
+    """Is the engine built (the hybrimoe._cpu extension with engine.cpp)?"""
+    try:
+        return hasattr(_ext(), "Engine")
+    except Exception:  # noqa: BLE001 - not built
+        return False
+
+
+class NativeCache:
+    """An ExpertCache whose state and per-layer decisions live in the native engine."""
+
+    native = True
+
+    def __init__(self, like: ExpertCache, costs):
+        c = like
+        if c.policy not in ENGINE_POLICIES:
+            raise CacheConfigError(f"the native engine runs the cache policies {ENGINE_POLICIES}, not {c.policy!r} "
+                                   "(its decisions are made by hybrimoe.cache's Python implementation)")
+        self.n_layers, self.n_experts, self.policy = c.n_layers, c.n_experts, c.policy
+        self.shared, self.capacity, self.expert_bytes = c.shared, c.capacity, c.expert_bytes
+        self.slot_bytes = c.slot_bytes
+        self.byte_budget = getattr(c, "byte_budget", None)
+        self.top_p, self.alpha, self.guard_prefetch = c.top_p, c.alpha, c.guard_prefetch
+        ext = _ext()
+        self._g = ext.Engine(c.n_layers, c.n_experts, ENGINE_POLICIES.index(c.policy), c.shared, list(c.capacity), c.alpha,
+                             c.top_p, c.guard_prefetch)
+        if c._pinned or c._prefetched or c.hits or c.misses or c.evictions:
+            raise CacheConfigError("NativeCache.from_cache takes a fresh cache (warm start only: no pins, "
+                                   "prefetches or statistics yet)")
+        res = [(lay, e, s) for pool in c._res for (lay, e), s in pool.items()]
+        last = np.zeros((c.n_layers, c.n_experts), np.int64)
+        for (lay, e), t in c._last.items():
+            last[lay, e] = t
+        self._g.load_state(np.asarray(res, np.int64).reshape(-1, 3), [list(f) for f in c._free], last.ravel(),
+                           int(c._tick), c._hot is not None)
+        self._out = np.zeros(16 + 8 * c.n_experts, np.int32)
+        self._times = np.zeros(8, np.float64)
+        self._costs = None
+        self._table_n = 0
+        self._seed_model = None
+        self.set_costs(costs)
+
+    @classmethod
+    def from_cache(cls, cache: ExpertCache, costs) -> "NativeCache":
+        return cls(cache, costs)
+
+    # ------------------------------------------------------------------ costs as numbers
+    def set_costs(self, costs, n: int = 256) -> None:
+        """Hand the cost model to the engine: per cost layer, tables of cpu/gpu time at 0..n tokens."""
+        n = max(int(n), 16)
+        self._costs, self._table_n = costs, n
+        ns = range(n + 1)
+        for j, lc in enumerate(costs.layers):
+            cpu = np.array([0.0] + [lc.cpu_time(k) for k in ns[1:]], np.float64)
+            gpu = np.array([0.0] + [lc.gpu_time(k) for k in ns[1:]], np.float64)
+            self._g.set_costs(j, cpu, gpu, float(lc.transfer_s), float(lc.cpu_layer_overhead),
+                              float(lc.gpu_layer_overhead))
+
+    def _seed(self, seed_model: str) -> None:
+        if seed_model != self._seed_model:
+            if seed_model not in SEED_CONSTANTS:
+                raise ScheduleError(f"seed_model {seed_model!r} (expected one of {sorted(SEED_CONSTANTS)})")
+            self._g.set_seed(*SEED_CONSTANTS[seed_model])
+            self._seed_model = seed_model
+
+    # ------------------------------------------------------------------ one layer, one call
+    def decide(self, costs, mode: str, layer: int, experts: np.ndarray, counts: np.ndarray, scores, *,
+               pcie_busy: float = 0.0, ready=None, seed_model: str = "deepseek"):
+        """observe -> access -> plan -> pin -> admit in the engine. Returns (header, lists, times):
+        header a HEADER_DTYPE record, lists {name: int32 array view}, times (8,) float64
+        (planned cpu_end, gpu_end, pcie_end, makespan; then the final plan's)."""
+        if mode not in MODES:
+            raise ScheduleError(f"unknown schedule mode {mode!r} (expected one of {MODES})")
+        if costs is not self._costs:
+            self.set_costs(costs, self._table_n)
+        ex = np.ascontiguousarray(experts, np.int64)
+        cnt = np.ascontiguousarray(counts, np.int64)
+        if cnt.size and int(cnt.max()) > self._table_n:
+            self.set_costs(costs, 1 << int(cnt.max()).bit_length())
+        if mode == "seed":
+            self._seed(seed_model)
+        if scores is not None:
+            scores = np.ascontiguousarray(scores, np.float32)
+            if scores.ndim == 1:
+                scores = scores[None]
+            if scores.shape[1] != self.n_experts:
+                raise CacheConfigError(f"observe(layer {layer}): scores (expected (T, {self.n_experts}), "
+                                       f"found {scores.shape})")
+        re = rt = None
+        if ready:
+            re = np.fromiter(ready.keys(), np.int64, len(ready))
+            rt = np.fromiter(ready.values(), np.float64, len(ready))
+        self._g.decide(int(layer), MODES.index(mode), ex, cnt, scores, float(pcie_busy), re, rt, self._out,
+                       self._times)
+        h = self._out[:8]
+        o = 8
+        lists = {}
+        for name, k in (("gpu", h[1]), ("gpu_slots", h[1]), ("loads", h[2]), ("cpu", h[3]), ("admitted", h[4]),
+                        ("admitted_slots", h[4]), ("refused", h[5]), ("evicted", 2 * h[6]), ("cpu_final", h[7])):
+            lists[name] = self._out[o:o + k]
+            o += k
+        return h.view(HEADER_DTYPE)[0], lists, self._times
+
+    # ------------------------------------------------------------------ the ExpertCache interface
+    def contains(self, layer: int, expert: int) -> bool:
+        return self._g.contains(int(layer), int(expert))
+
+    def lookup(self, layer: int, expert: int) -> int | None:
+        s = self._g.lookup(int(layer), int(expert))
+        return None if s < 0 else s
+
+    def resident(self, layer: int) -> dict[int, int]:
+        return dict(self._g.resident(int(layer)))
+
+    def n_resident(self, layer: int | None = None) -> int:
+        if layer is None:
+            return sum(len(self._g.resident(j)) for j in range(self.n_layers))
+        return len(self._g.resident(int(layer)))
+
+    def can_admit(self, layer: int, expert: int, protect=(), prefetch: bool = True) -> bool:
+        return self._g.can_admit(int(layer), int(expert), [int(e) for e in np.asarray(protect).ravel()], prefetch)
+
+    def observe(self, layer: int, scores) -> None:
+        s = np.asarray(scores)
+        if s.ndim == 1:
+            s = s[None]
+        if s.shape[1] != self.n_experts:
+            raise CacheConfigError(f"observe(layer {layer}): scores (expected (T, {self.n_experts}), found {s.shape})")
+        self._g.observe(int(layer), s)
+
+    def access(self, layer: int, experts) -> list[int | None]:
+        ex = np.asarray(list(experts) if not isinstance(experts, np.ndarray) else experts, np.int64)
+        out = [self.lookup(layer, e) for e in ex.tolist()]
+        self._g.access(int(layer), ex)
+        return out
+
+    def admit(self, layer: int, expert: int, *, prefetch: bool = False, protect=()):
+        slot, ev = self._g.admit(int(layer), int(expert), prefetch, np.asarray(protect, np.int64).ravel())
+        if slot < 0:
+            return None, None
+        return slot, (None if ev < 0 else (int(ev // self.n_experts), int(ev % self.n_experts)))
+
+    def pin(self, layer: int, experts) -> None:
+        self._g.pin(int(layer), np.asarray(list(experts), np.int64))
+
+    def unpin(self, layer: int, experts=None) -> None:
+        if experts is None:
+            self._g.unpin(int(layer))
+        else:
+            self._g.unpin_some(int(layer), [int(e) for e in experts])
+
+    def stats(self) -> dict:
+        # declined / fills: what the admission policies count; always 0 for the engine's policies
+        return {**dict(self._g.stats()), "declined": 0, "fills": 0}
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self._g.scores()
+
+    @property
+    def freq(self) -> np.ndarray:
+        return self._g.freq()
+
+    @property
+    def prefetch_used_by_layer(self) -> np.ndarray:
+        return np.asarray(self._g.used_by_layer(), np.int64)
+
+    @property
+    def prefetch_wasted_by_layer(self) -> np.ndarray:
+        return np.asarray(self._g.wasted_by_layer(), np.int64)
+
+    def occupancy_bytes(self) -> int:
+        if self.shared:
+            return self.n_resident() * self.slot_bytes
+        return sum(self.expert_bytes[j] * self.n_resident(j) for j in range(self.n_layers))
+
+
+def plan_of(layer: int, mode: str, lists: dict, key_gpu: str, key_loads: str, key_cpu: str, counts: dict,
+            t: np.ndarray) -> Plan:
+    """A scheduler.Plan from the engine's lists and four times."""
+    return Plan(layer, mode, tuple(lists[key_gpu].tolist()), tuple(lists[key_loads].tolist()),
+                tuple(lists[key_cpu].tolist()), counts, float(t[0]), float(t[1]), float(t[2]), float(t[3]))

@@ -1,0 +1,205 @@
+"""One MoE layer's decisions, in the one order the runtime and the simulator both take them.
+
+    decide():   observe -> access -> plan -> pin -> admit      (before the layer's experts run)
+    prefetch(): choose -> admit (prefetch)                     (while they run)
+    release():  unpin                                          (after they ran)
+
+`HybridRuntime` (hybrimoe.layer) and `simulate` (hybrimoe.sim) both call these three functions,
+so a decision cannot mean one thing in a run and another in a simulation:
+
+- observe: the router scores update the MRS scores (skipped when `scores` is None: a policy
+  other than mrs ignores them); the prefetcher scores its earlier prediction for this layer.
+- access: hits and misses are counted, recency and frequency updated.
+- plan: `scheduler.plan` places each activated expert: gpu (resident), load, or cpu.
+- pin: every activated expert of the layer is pinned, so no load or prefetch of this layer
+  evicts an expert the layer is using.
+- admit: each planned load takes a slot, in transfer order. A load the cache refuses (no free
+  slot and nothing it may evict: every resident expert of the pool is pinned or protected, or a
+  static cache's fixed set) runs on the CPU: it leaves the plan's loads for its CPU list, and the
+  plan is timed again for what will really run (`LayerDecision.plan`; the scheduler's own plan
+  stays in `LayerDecision.planned`).
+
+Numpy only (no torch), like the cache, costs, scheduler and prefetch modules it drives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from .prefetch import Prediction, PrefetchOrder
+from .scheduler import Plan, plan as make_plan, timeline
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """What `decide` chose for one layer at one step.
+
+    experts / counts: activated experts (ascending) and tokens per expert. hits: how many were
+    resident. planned: the scheduler's plan. plan: what runs (planned, with refused loads on the
+    CPU, re-timed when there were any). slots: {expert: slot} of every expert computed on the GPU
+    (hits in plan order, then admitted loads). loads: ((expert, slot), ...) admitted demand loads in
+    transfer order. refused: planned loads the cache refused (run on the CPU). evicted: the
+    (layer, expert) keys the loads evicted, in order."""
+
+    layer: int
+    experts: tuple[int, ...]
+    counts: tuple[int, ...]
+    hits: int
+    planned: Plan
+    plan: Plan
+    slots: Mapping[int, int]
+    loads: tuple[tuple[int, int], ...]
+    refused: tuple[int, ...]
+    evicted: tuple[tuple[int, int], ...]
+
+    def key(self) -> tuple:
+        """Everything decided, as plain values (comparisons between two drivers of the sequence)."""
+        p, q = self.planned, self.plan
+        return (self.layer, self.experts, self.counts, self.hits, (p.gpu, p.loads, p.cpu), (q.gpu, q.loads, q.cpu),
+                tuple(self.slots.items()), self.loads, self.refused, self.evicted)
+
+
+@dataclass(frozen=True)
+class PrefetchDecision:
+    """A prefetch the cache admitted: the prefetcher's order, the slot it took, what it evicted."""
+
+    order: PrefetchOrder
+    slot: int
+    evicted: tuple[int, int] | None
+
+
+def decide(cache, costs, mode: str, layer: int, experts, counts, scores: np.ndarray | None = None, *,
+           prefetcher=None, pcie_busy: float = 0.0, ready: Mapping[int, float] | None = None,
+           seed_model: str = "deepseek", with_events: bool = False) -> LayerDecision:
+    """observe -> access -> plan -> pin -> admit for `layer` (see the module docstring).
+
+    experts: (n,) distinct activated experts, ascending; counts: (n,) tokens per expert.
+    scores: (T, E) router scores for the MRS update, or None. pcie_busy / ready: as scheduler.plan.
+    The layer stays pinned until `release(cache, layer)`."""
+    experts = np.asarray(experts, np.int64).ravel()
+    if getattr(cache, "native", False):  # hybrimoe.engine.NativeCache: the same sequence in one native call
+        return _decide_native(cache, costs, mode, layer, experts, counts, scores, prefetcher, pcie_busy, ready,
+                              seed_model, with_events)
+    if scores is not None:
+        cache.observe(layer, scores)
+    if prefetcher is not None:
+        prefetcher.record(layer, experts)
+    hits = sum(s is not None for s in cache.access(layer, experts))
+    planned = make_plan(layer, experts, counts, cache, costs, mode, pcie_busy=pcie_busy, ready=ready,
+                        seed_model=seed_model, with_events=with_events)
+    cache.pin(layer, experts)
+    slots = {e: cache.lookup(layer, e) for e in planned.gpu}
+    loads, refused, evicted = [], [], []
+    for e in planned.loads:
+        slot, ev = cache.admit(layer, e, protect=experts)
+        if slot is None:
+            refused.append(e)
+            continue
+        loads.append((e, slot))
+        slots[e] = slot
+        if ev is not None:
+            evicted.append(ev)
+    p = planned
+    if refused:
+        p = timeline(layer, planned.gpu, [e for e, _ in loads], (*planned.cpu, *refused), planned.counts, costs,
+                     pcie_busy=pcie_busy, ready=ready, mode=mode, with_events=with_events)
+    return LayerDecision(layer, tuple(experts.tolist()), tuple(int(c) for c in np.asarray(counts).ravel()), hits,
+                         planned, p, slots, tuple(loads), tuple(refused), tuple(evicted))
+
+
+def _decide_native(cache, costs, mode, layer, experts, counts, scores, prefetcher, pcie_busy, ready, seed_model,
+                   with_events) -> LayerDecision:
+    if prefetcher is not None:
+        prefetcher.record(layer, experts)
+    h, li, t = cache.decide(costs, mode, layer, experts, counts, scores, pcie_busy=pcie_busy, ready=ready,
+                            seed_model=seed_model)
+    cnt = [int(c) for c in np.asarray(counts).ravel()]
+    cmap = dict(zip(experts.tolist(), cnt))
+    gpu, loads, cpu = tuple(li["gpu"].tolist()), tuple(li["loads"].tolist()), tuple(li["cpu"].tolist())
+    admitted, refused = li["admitted"].tolist(), tuple(li["refused"].tolist())
+    if with_events:  # the lanes' events: the same placement timed again (the times are equal)
+        planned = timeline(layer, gpu, loads, cpu, cmap, costs, pcie_busy=pcie_busy, ready=ready, mode=mode,
+                           with_events=True)
+    else:
+        planned = Plan(layer, mode, gpu, loads, cpu, cmap, float(t[0]), float(t[1]), float(t[2]), float(t[3]))
+    p = planned
+    if refused:
+        cpu_final = tuple(li["cpu_final"].tolist())
+        if with_events:
+            p = timeline(layer, gpu, admitted, cpu_final, cmap, costs, pcie_busy=pcie_busy, ready=ready, mode=mode,
+                         with_events=True)
+        else:
+            p = Plan(layer, mode, gpu, tuple(admitted), cpu_final, cmap, float(t[4]), float(t[5]), float(t[6]),
+                     float(t[7]))
+    slots = dict(zip(gpu, li["gpu_slots"].tolist()))
+    a_slots = li["admitted_slots"].tolist()
+    slots.update(zip(admitted, a_slots))
+    ev = li["evicted"].tolist()
+    return LayerDecision(layer, tuple(experts.tolist()), tuple(cnt), int(h["hits"]), planned, p, slots,
+                         tuple(zip(admitted, a_slots)), refused, tuple(zip(ev[0::2], ev[1::2])))
+
+
+def prefetch(cache, prefetcher, layer: int, predictions: Mapping[int, Prediction], *,
+             idle_before: Mapping[int, float]) -> list[PrefetchDecision]:
+    """The prefetcher's choice for the layers after `layer`, admitted into the cache (each never
+    evicting a pinned expert or a predicted one of its target layer); orders the cache refuses
+    are dropped."""
+    out = []
+    for o in prefetcher.choose(layer, predictions, cache, idle_before=idle_before):
+        slot, ev = cache.admit(o.layer, o.expert, prefetch=True, protect=predictions[o.layer].experts)
+        if slot is not None:
+            out.append(PrefetchDecision(o, slot, ev))
+    return out
+
+
+@dataclass(frozen=True)
+class FillDecision:
+    """A fill the cache admitted: `expert` of `layer`, computed on the CPU this step, copied into
+    `slot` in idle link time for the layer's later steps; `evicted` the key it replaced."""
+
+    layer: int
+    expert: int
+    slot: int
+    evicted: tuple[int, int] | None
+    transfer: float  # seconds of link time
+
+    def key(self) -> tuple:
+        return (self.layer, self.expert, self.slot, self.evicted)
+
+
+def fill(cache, costs, decision: LayerDecision, *, idle_s: float) -> list[FillDecision]:
+    """Admission policies (cache.ADMISSION_POLICIES) only: copy experts the layer computed on the
+    CPU into the cache while the link is idle, best predicted reuse first, each only when the
+    cache's gate admits it over its victim, as long as the transfers fit in `idle_s` seconds.
+    Call after `decide` and before `release` (the layer's experts are pinned) and before the
+    prefetcher's choice (which then sees the fills as backlog). Other policies: no fills."""
+    from .cache import ADMISSION_POLICIES
+
+    if getattr(cache, "policy", None) not in ADMISSION_POLICIES:
+        return []
+    layer = decision.layer
+    tr = costs.transfer_time(layer)
+    if idle_s < tr:
+        return []
+    cands = sorted((e for e in decision.plan.cpu if not cache.contains(layer, e)),
+                   key=lambda e: (-cache.reuse_score(layer, e), e))
+    out, used = [], 0.0
+    for e in cands:
+        if used + tr > idle_s:
+            break
+        if not cache.wants_fill(layer, e, protect=decision.experts):
+            continue
+        slot, ev = cache.admit(layer, e, fill=True, protect=decision.experts)
+        if slot is None:
+            continue
+        used += tr
+        out.append(FillDecision(layer, int(e), slot, ev, tr))
+    return out
+
+
+def release(cache, layer: int) -> None:
+    """The layer's experts ran: they may be evicted again."""
+    cache.unpin(layer)
