@@ -35,8 +35,9 @@ struct KQ4_K {
         for (int i = i0; i < i1; ++i) {
             uint64_t scw, mnw;
             unpack_scales_mins_k4_u64(b[i].scales, &scw, &mnw);
-            uint8_t sc[8];
-            memcpy(sc, &scw, 8);
+            // the 8 sub-block scales in every 64-bit lane; a byte shuffle then spreads scale j as
+            // int16 (one uop, no scalar extract + broadcast per sub-block)
+            const __m256i scv = _mm256_set1_epi64x((long long)scw);
             // [m0,m0,m1,m1,...,m7,m7] as int16, to pair with the per-16 activation sums
             const __m256i m32 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mnw));
             const __m256i mins = _mm256_or_si256(m32, _mm256_slli_epi32(m32, 16));
@@ -46,8 +47,8 @@ struct KQ4_K {
                 const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[i].qs + 32 * c));
                 const __m256i lo = _mm256_and_si256(q, m4);
                 const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-                const __m256i slo = _mm256_set1_epi16(sc[2 * c]);
-                const __m256i shi = _mm256_set1_epi16(sc[2 * c + 1]);
+                const __m256i slo = _mm256_shuffle_epi8(scv, _mm256_set1_epi16((short)(0x8000 | (2 * c))));
+                const __m256i shi = _mm256_shuffle_epi8(scv, _mm256_set1_epi16((short)(0x8000 | (2 * c + 1))));
                 for (int t = 0; t < NT; ++t) {
                     const int8_t* xq = static_cast<const block_q8_K_act*>(x[t])[i].qs + 64 * c;
                     const __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
@@ -87,6 +88,9 @@ struct KQ6_K {
                 isum[t] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5));
             }
             for (int h = 0; h < 2; ++h) {
+                // the 8 int16 scales of this half in both 128-bit lanes; per group k a byte shuffle
+                // puts scale 2k in lane 0 and 2k+1 in lane 1 (no scalar extracts + broadcasts)
+                const __m256i sch = _mm256_permute4x64_epi64(sc16, h ? 0xEE : 0x44);
                 const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[i].ql + 64 * h));
                 const __m256i ql1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[i].ql + 64 * h + 32));
                 const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[i].qh + 32 * h));
@@ -97,8 +101,10 @@ struct KQ6_K {
                 q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
                                        _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
                 for (int k = 0; k < 4; ++k) {
-                    const int j = 8 * h + 2 * k;  // first 16-wide sub-block of this group
-                    const __m256i s = _mm256_set_m128i(_mm_set1_epi16(b[i].scales[j + 1]), _mm_set1_epi16(b[i].scales[j]));
+                    // lane 0: scale 8h+2k (bytes 4k, 4k+1 of the half), lane 1: scale 8h+2k+1
+                    const __m256i s = _mm256_shuffle_epi8(
+                        sch, _mm256_set_m128i(_mm_set1_epi16((short)(((4 * k + 3) << 8) | (4 * k + 2))),
+                                              _mm_set1_epi16((short)(((4 * k + 1) << 8) | (4 * k)))));
                     for (int t = 0; t < NT; ++t) {
                         const int8_t* xq = static_cast<const block_q8_K_act*>(x[t])[i].qs + 128 * h + 32 * k;
                         const __m256i p = _mm256_maddubs_epi16(q[k], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
