@@ -38,7 +38,7 @@ from .formats import QuantTensor
 from .prefetch import Prediction, Prefetcher, idle_budget
 from .reference import RoutingConfig
 from .scheduler import MODES
-from .step import decide, fill, release
+from .step import FillSpan, decide, fill, release
 from .step import prefetch as prefetch_step
 from .store import expert_views
 from .transfer import TransferEngine
@@ -238,6 +238,7 @@ class HybridRuntime:
         self.costs = self._costs()
         self.prefetcher = Prefetcher(self.costs, cfg.prefetch_size, cfg.horizon,
                                      self.schedule) if cfg.prefetch_size > 0 and self.gpu_enabled else None
+        self._fill_span = None  # FillSpan, on the first fill (admission policies)
         self.routers: dict[int, tuple[torch.Tensor, RoutingConfig]] = {}
         self._lookahead_cache: dict[int, tuple] = {}
         self._slot_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -697,12 +698,16 @@ class HybridRuntime:
 
     def _fill(self, i: int, d) -> None:
         """Admission policies: copy experts this layer ran on the CPU into the cache (hybrimoe.step.fill),
-        as prefetch-class copies that demand loads overtake, in the idle link time of one step
-        (every MoE layer's idle window taken equal to this one's) less what is queued."""
+        as prefetch-class copies that demand loads overtake, in the idle link time of the layers
+        up to the next one that lately made demand loads (hybrimoe.step.FillSpan, as the
+        simulator; each idle window taken equal to this one's) less what is queued."""
         p = d.plan
+        if self._fill_span is None:
+            self._fill_span = FillSpan(len(self.moe_layers))
+        self._fill_span.update(d)
         backlog = (self.transfers.pending_bytes() / self._link_bw(i)
                    + self.transfers.prefetches_in_flight() * self.costs.transfer_time(i))
-        idle = len(self.moe_layers) * max(0.0, p.makespan - p.pcie_end) - backlog
+        idle = self._fill_span.span(i) * max(0.0, p.makespan - p.pcie_end) - backlog
         layer = self.moe_layers[i]
         for fd in fill(self.cache, self.costs, d, idle_s=idle):
             if self.config.record_decisions:

@@ -165,6 +165,26 @@ def fill(cache, costs, decision: LayerDecision, *, idle_s: float) -> list[FillDe
     return out
 
 
+class FillSpan:
+    """How many layers' idle windows a fill issued after a layer may use: 1 plus the following
+    layers (cyclically: a fill is for the layer's next step) that lately made no demand loads,
+    so fills queue only where no demand load is expected. `update` after each layer's decision."""
+
+    def __init__(self, n_layers: int, decay: float = 0.9, quiet: float = 0.05):
+        self.ema = np.zeros(n_layers)  # per layer: how often its steps made demand loads lately
+        self.decay, self.quiet = float(decay), float(quiet)
+
+    def update(self, decision: LayerDecision) -> None:
+        i = decision.layer
+        self.ema[i] = self.decay * self.ema[i] + (1.0 - self.decay) * (len(decision.loads) > 0)
+
+    def span(self, layer: int) -> int:
+        L, s = len(self.ema), 1
+        while s < L and self.ema[(layer + s) % L] < self.quiet:
+            s += 1
+        return s
+
+
 def release(cache, layer: int) -> None:
     """The layer's experts ran: they may be evicted again."""
     cache.unpin(layer)
