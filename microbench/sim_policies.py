@@ -147,9 +147,12 @@ def main() -> int:
                             "schedules": sched})
     out["bench"] = "sim_policies"
     if a.admission_only:
+        mrs = {(s["trace"], r["cache_frac"], r["pcie"], r["prefetch"]): r["ms_per_token"]
+               for s in out["sets"] for r in s["admission"] if r["policy"] == "mrs"}
         out["rows"] = [{"name": f"{s['trace']}/{r['variant']}/cache{round(r['cache_frac'] * 100)}%/{r['pcie']}",
                         "shape": f"{s['experts']} experts top-{s['top_k']} x {s['layers']} layers ({s['costs']})",
-                        "tokens": s["tokens"], "median_us": 1e3 * r["ms_per_token"], "hit_rate": r["hit_rate"]}
+                        "tokens": s["tokens"], "median_us": 1e3 * r["ms_per_token"], "hit_rate": r["hit_rate"],
+                        "x_vs_mrs": mrs[(s["trace"], r["cache_frac"], r["pcie"], r["prefetch"])] / r["ms_per_token"]}
                        for s in out["sets"] for r in s["admission"]]
     else:
         out["rows"] = flat_rows(out["sets"])
