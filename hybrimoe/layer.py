@@ -608,10 +608,10 @@ class HybridRuntime:
         st.gpu_s += t_gpu1 - t_gpu0
         # prefetch for the next layers while this one computes, then issue queued prefetch chunks
         # worth this layer's predicted idle link time (demand loads of the next layer come after)
-        if self.gpu_enabled and self.cache.policy in ADMISSION_POLICIES:
-            self._fill(i, d)
         if self.prefetcher is not None:
             self._prefetch(i, la_np, p)
+        if self.gpu_enabled and self.cache.policy in ADMISSION_POLICIES:  # after prefetches, as the simulator
+            self._fill(i, d)
         if self.transfers._pending:
             self.transfers.pump(max(0.0, p.makespan - p.pcie_end) * self._link_bw(i))
         st.prefetch_s += time.perf_counter() - t_gpu1

@@ -13,6 +13,8 @@ Per step (one decode token, or a `chunk` of prefill tokens) and per MoE layer L:
     and the plan is re-timed that way; lanes advance by the plan's times
     prefetcher.choose(...) with predictions for L+1..L+3; prefetches queue on the PCIe lane in the
     idle time the plan leaves (they never delay a demand load; see `simulate`'s pcie models)
+    admission policies (bypass, min): hybrimoe.step.fill copies experts the layer ran on the CPU
+    into the cache after the prefetches, in idle link time (`simulate`'s fill_span)
 Layer time = dense + plan.makespan; the next layer starts when both CPU and GPU are done.
 
 Predictors (the runtime applies later routers to the current hidden state; traces cannot):
@@ -20,6 +22,8 @@ Predictors (the runtime applies later routers to the current hidden state; trace
     degraded:ACC   each true expert kept with probability ACC, else replaced by a random other one
     learned        online cross-layer co-occurrence counts C_d[L][i, j] (expert i at L, j at L+d,
                    same token) from the tokens seen so far; predicts the top-k of sum_i C_d[L][i, :]
+Policies: hybrimoe.cache.POLICIES; `min` is the oracle (MIN with bypass on the trace's future,
+timed in the schedule: `make_cache` hands it the future step by step).
 Bounds:
     belady_hits    Belady's MIN with bypass and a free initial fill: no demand-only policy with the
                    same capacity hits more (prefetching can, by spending transfers).

@@ -139,12 +139,13 @@ def fill(cache, costs, decision: LayerDecision, *, idle_s: float) -> list[FillDe
     """Admission policies (cache.ADMISSION_POLICIES) only: copy experts the layer computed on the
     CPU into the cache while the link is idle, best predicted reuse first, each only when the
     cache's gate admits it over its victim, as long as the transfers fit in `idle_s` seconds.
-    Call after `decide` and before `release` (the layer's experts are pinned) and before the
-    prefetcher's choice (which then sees the fills as backlog). Other policies: no fills."""
+    Call after `decide` and the prefetcher's choice (a prefetch is for this token, a fill for a
+    later one; the fills see the prefetches as backlog) and before `release` (the layer's experts
+    are pinned). Other policies, and the cpu-only schedule: no fills."""
     from .cache import ADMISSION_POLICIES
 
-    if getattr(cache, "policy", None) not in ADMISSION_POLICIES:
-        return []
+    if getattr(cache, "policy", None) not in ADMISSION_POLICIES or decision.plan.mode == "cpu-only":
+        return []  # (cpu-only never computes on the GPU: a resident expert would only cost the copy)
     layer = decision.layer
     tr = costs.transfer_time(layer)
     if idle_s < tr:
