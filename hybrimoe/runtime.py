@@ -39,7 +39,7 @@ from .prefetch import Prediction, Prefetcher, idle_budget
 from .reference import RoutingConfig
 from .stats import LayerStats
 from .scheduler import MODES
-from .step import decide, fill, release
+from .step import FillSpan, decide, fill, release
 from .step import prefetch as prefetch_step
 from .transfer import TransferEngine
 
@@ -224,6 +224,7 @@ class HybridRuntime:
         self.costs = runtime_costs(self)
         self.prefetcher = Prefetcher(self.costs, cfg.prefetch_size, cfg.horizon,
                                      self.schedule) if cfg.prefetch_size > 0 and self.gpu_enabled else None
+        self._fill_span = None  # FillSpan, on the first fill (admission policies)
         self.routers: dict[int, tuple[torch.Tensor, RoutingConfig]] = {}
         self.lookahead = LookAhead(self.routers, self.moe_layers, self.n_experts, self.top_k, mc.hidden,
                                    self.prefetcher.horizon if self.prefetcher is not None else 0, self.device)
@@ -403,10 +404,10 @@ class HybridRuntime:
         st.gpu_s += t_gpu1 - t_gpu0
         # prefetch for the next layers while this one computes, then issue queued prefetch chunks
         # worth this layer's predicted idle link time (demand loads of the next layer come after)
-        if self.gpu_enabled and self.cache.policy in ADMISSION_POLICIES:
-            self._fill(i, d)
         if self.prefetcher is not None:
             self._prefetch(i, la_np, p)
+        if self.gpu_enabled and self.cache.policy in ADMISSION_POLICIES:  # after prefetches, as the simulator
+            self._fill(i, d)
         if self.transfers.has_pending():
             self.transfers.pump(max(0.0, p.makespan - p.pcie_end) * self._link_bw(i))
         st.prefetch_s += time.perf_counter() - t_gpu1
@@ -452,12 +453,16 @@ class HybridRuntime:
 
     def _fill(self, i: int, d) -> None:
         """Admission policies: copy experts this layer ran on the CPU into the cache (hybrimoe.step.fill),
-        as prefetch-class copies that demand loads overtake, in the idle link time of one step
-        (every MoE layer's idle window taken equal to this one's) less what is queued."""
+        as prefetch-class copies that demand loads overtake, in the idle link time of the layers
+        up to the next one that lately made demand loads (hybrimoe.step.FillSpan, as the
+        simulator; each idle window taken equal to this one's) less what is queued."""
         p = d.plan
+        if self._fill_span is None:
+            self._fill_span = FillSpan(len(self.moe_layers))
+        self._fill_span.update(d)
         backlog = (self.transfers.pending_bytes() / self._link_bw(i)
                    + self.transfers.prefetches_in_flight() * self.costs.transfer_time(i))
-        idle = len(self.moe_layers) * max(0.0, p.makespan - p.pcie_end) - backlog
+        idle = self._fill_span.span(i) * max(0.0, p.makespan - p.pcie_end) - backlog
         layer = self.moe_layers[i]
         for fd in fill(self.cache, self.costs, d, idle_s=idle):
             if self.config.record_decisions:

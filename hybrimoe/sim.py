@@ -13,6 +13,8 @@ Per step (one decode token, or a `chunk` of prefill tokens) and per MoE layer L:
     and the plan is re-timed that way; lanes advance by the plan's times
     prefetcher.choose(...) with predictions for L+1..L+3; prefetches queue on the PCIe lane in the
     idle time the plan leaves (they never delay a demand load; see `simulate`'s pcie models)
+    admission policies (bypass, min): hybrimoe.step.fill copies experts the layer ran on the CPU
+    into the cache after the prefetches, in idle link time (`simulate`'s fill_span)
 Layer time = dense + plan.makespan; the next layer starts when both CPU and GPU are done.
 
 Predictors (the runtime applies later routers to the current hidden state; traces cannot):
@@ -20,6 +22,8 @@ Predictors (the runtime applies later routers to the current hidden state; trace
     degraded:ACC   each true expert kept with probability ACC, else replaced by a random other one
     learned        online cross-layer co-occurrence counts C_d[L][i, j] (expert i at L, j at L+d,
                    same token) from the tokens seen so far; predicts the top-k of sum_i C_d[L][i, :]
+Policies: hybrimoe.cache.POLICIES; `min` is the oracle (MIN with bypass on the trace's future,
+timed in the schedule: `make_cache` hands it the future step by step).
 Bounds:
     belady_hits    Belady's MIN with bypass and a free initial fill: no demand-only policy with the
                    same capacity hits more (prefetching can, by spending transfers).
@@ -42,7 +46,7 @@ import numpy as np
 from .cache import POLICIES, ExpertCache
 from .costs import CostModel, resolve
 from .prefetch import Prediction, Prefetcher, idle_budget
-from .step import decide, fill, release
+from .step import FillSpan, decide, fill, release
 from .step import prefetch as prefetch_step
 from .traces import Trace, load_trace
 
@@ -187,11 +191,11 @@ def simulate(trace: Trace, cache: ExpertCache, costs: CostModel, mode: str = "hy
                     block that layer's loads (logged as head_block; the budget keeps it 0).
       "preemptive"  demand loads overtake a running prefetch (chunked copies); a prefetch may span
                     layers, so the budget for layer L+d is d times this layer's idle time.
-    Fills (admission policies, hybrimoe.step.fill) queue on the link like prefetches, before them,
-    in `fill_span` times this layer's idle window less the backlog. Default: the number of layers
-    with "preemptive" (a fill is for this layer's next step; demand loads overtake it); with
-    "whole", 1 plus the following layers that lately made no demand loads (a whole-expert copy
-    still running when a layer starts delays its loads: head_block, timed like any other).
+    Fills (admission policies, hybrimoe.step.fill) queue on the link like prefetches, after them
+    (a prefetch is for this token, a fill for a later one), in `fill_span` times this layer's idle window less the backlog. Default: 1 plus the following
+    layers that lately made no demand loads (a whole-expert copy still running when a layer
+    starts delays its loads: head_block, timed like any other; with "preemptive" copies a longer
+    span measured worse: fills still in flight when their expert is used again make it wait).
     """
     if pcie not in PCIE_MODELS:
         raise ValueError(f"pcie model {pcie!r} (expected one of {PCIE_MODELS})")
@@ -204,7 +208,7 @@ def simulate(trace: Trace, cache: ExpertCache, costs: CostModel, mode: str = "hy
     rows = []
     n_tok = 0
     in_flight_hits = 0  # hits on prefetches whose transfer had not finished at routing time
-    load_ema = np.zeros(L)  # per layer: how often its steps made demand loads lately (fill span)
+    spans = FillSpan(L)  # fill budgets: layers ahead without recent demand loads
 
     def advance(until: float):
         """Let queued prefetches use the idle link from max(q_time, pcie_free) to `until`."""
@@ -258,23 +262,7 @@ def simulate(trace: Trace, cache: ExpertCache, costs: CostModel, mode: str = "hy
                 rows.append({"layer": layer, "start": t, "pcie_busy": busy, "promoted": sorted(ready),
                              "head_block": head_block,
                              "backlog": sum(j[2] for j in queue), "plan": pl, "decision": d, "prefetches": []})
-            nd = costs.dense_time(layer + 1, T) if layer + 1 < L else costs.dense_time(0, 1)
-            load_ema[layer] = 0.9 * load_ema[layer] + 0.1 * (len(d.loads) > 0)
-            if fill_span is not None:
-                span = fill_span
-            elif pcie == "preemptive":
-                span = L
-            else:  # whole copies: up to the next layer that recently made demand loads
-                span = 1
-                while span < L and load_ema[(layer + span) % L] < 0.05:
-                    span += 1
-            w = max(0.0, pl.makespan - pl.pcie_end) + nd
-            for fd in fill(cache, costs, d, idle_s=span * w - sum(j[2] for j in queue)):
-                if log:
-                    rows[-1].setdefault("fills", []).append(fd)
-                if fd.evicted is not None:
-                    queue[:] = [j for j in queue if (j[0], j[1]) != fd.evicted]
-                queue.append([layer, fd.expert, fd.transfer, fd.transfer])
+            spans.update(d)
             if prefetcher is not None and predictor is not None:
                 preds = predictor.predict(step, layer, prefetcher.horizon)
                 nd = costs.dense_time(layer + 1, T) if layer + 1 < L else 0.0
@@ -288,6 +276,15 @@ def simulate(trace: Trace, cache: ExpertCache, costs: CostModel, mode: str = "hy
                     if pd.evicted is not None:
                         queue[:] = [j for j in queue if (j[0], j[1]) != pd.evicted]
                     queue.append([o.layer, o.expert, o.transfer, o.transfer])  # layer, expert, left, total
+            span = fill_span if fill_span is not None else spans.span(layer)
+            nd = costs.dense_time(layer + 1, T) if layer + 1 < L else costs.dense_time(0, 1)
+            w = max(0.0, pl.makespan - pl.pcie_end) + nd
+            for fd in fill(cache, costs, d, idle_s=span * w - sum(j[2] for j in queue)):
+                if log:
+                    rows[-1].setdefault("fills", []).append(fd)
+                if fd.evicted is not None:
+                    queue[:] = [j for j in queue if (j[0], j[1]) != fd.evicted]
+                queue.append([layer, fd.expert, fd.transfer, fd.transfer])
             release(cache, layer)
             advance(end)
             t = end

@@ -174,12 +174,13 @@ def fill(cache, costs, decision: LayerDecision, *, idle_s: float) -> list[FillDe
     """Admission policies (cache.ADMISSION_POLICIES) only: copy experts the layer computed on the
     CPU into the cache while the link is idle, best predicted reuse first, each only when the
     cache's gate admits it over its victim, as long as the transfers fit in `idle_s` seconds.
-    Call after `decide` and before `release` (the layer's experts are pinned) and before the
-    prefetcher's choice (which then sees the fills as backlog). Other policies: no fills."""
+    Call after `decide` and the prefetcher's choice (a prefetch is for this token, a fill for a
+    later one; the fills see the prefetches as backlog) and before `release` (the layer's experts
+    are pinned). Other policies, and the cpu-only schedule: no fills."""
     from .cache import ADMISSION_POLICIES
 
-    if getattr(cache, "policy", None) not in ADMISSION_POLICIES:
-        return []
+    if getattr(cache, "policy", None) not in ADMISSION_POLICIES or decision.plan.mode == "cpu-only":
+        return []  # (cpu-only never computes on the GPU: a resident expert would only cost the copy)
     layer = decision.layer
     tr = costs.transfer_time(layer)
     if idle_s < tr:
@@ -198,6 +199,26 @@ def fill(cache, costs, decision: LayerDecision, *, idle_s: float) -> list[FillDe
         used += tr
         out.append(FillDecision(layer, int(e), slot, ev, tr))
     return out
+
+
+class FillSpan:
+    """How many layers' idle windows a fill issued after a layer may use: 1 plus the following
+    layers (cyclically: a fill is for the layer's next step) that lately made no demand loads,
+    so fills queue only where no demand load is expected. `update` after each layer's decision."""
+
+    def __init__(self, n_layers: int, decay: float = 0.9, quiet: float = 0.05):
+        self.ema = np.zeros(n_layers)  # per layer: how often its steps made demand loads lately
+        self.decay, self.quiet = float(decay), float(quiet)
+
+    def update(self, decision: LayerDecision) -> None:
+        i = decision.layer
+        self.ema[i] = self.decay * self.ema[i] + (1.0 - self.decay) * (len(decision.loads) > 0)
+
+    def span(self, layer: int) -> int:
+        L, s = len(self.ema), 1
+        while s < L and self.ema[(layer + s) % L] < self.quiet:
+            s += 1
+        return s
 
 
 def release(cache, layer: int) -> None:

@@ -23,8 +23,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "microbench"))
 
 from hybrimoe.sim import _concat  # noqa: E402
+from sim_policies import commit  # noqa: E402
 from hybrimoe.traces import Trace, load_trace  # noqa: E402
 
 NS = (1, 2, 4, 8, 16, 32)
@@ -59,7 +61,8 @@ def reuse_within(tr: Trace, ns=NS) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--traces", default=str(ROOT.parent / "shared" / "traces"))
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", "--out", dest="json", default=None)
+    ap.add_argument("--quick", action="store_true", help="first 120 tokens of each trace")
     a = ap.parse_args()
     t = Path(a.traces)
     sets = {"flame-290m": [t / "flame-moe-290m_dynande" / "flame290m_prefill_4x512tok_8layers_top6.npz"],
@@ -68,15 +71,22 @@ def main() -> int:
     res = {}
     for label, paths in sets.items():
         tr = _concat([load_trace(p) for p in paths])
+        if a.quick:
+            tr = tr.subset(slice(0, 120))
         r = res[label] = {"tokens": tr.n_tokens, "experts": tr.n_experts, "top_k": tr.top_k,
                           "reuse": reuse_within(tr)}
         print(f"## {label}: {tr.n_tokens} tokens, top-{tr.top_k} of {tr.n_experts}")
         print(f"{'n':>4} {'measured':>9} {'popularity':>11} {'uniform':>8}")
         for n, v in r["reuse"].items():
             print(f"{n:>4} {v['measured']:>9.3f} {v['popularity']:>11.3f} {v['uniform']:>8.3f}")
+    rows = [{"name": f"{label}/reuse-within-{n}", "shape": f"{r['experts']} experts top-{r['top_k']}",
+             "tokens": r["tokens"], "median_us": None, "frac_of_uses_reused": v["measured"],
+             "x_vs_popularity": v["measured"] / v["popularity"], "x_vs_uniform": v["measured"] / v["uniform"]}
+            for label, r in res.items() for n, v in r["reuse"].items()]
     if a.json:
-        Path(a.json).write_text(json.dumps({"date": datetime.date.today().isoformat(), "bench": "trace_predictability",
-                                            "sets": res}, indent=1))
+        Path(a.json).write_text(json.dumps({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"), "commit": commit(), "device": "none (trace statistics)",
+            "bench": "trace_predictability", "sets": res, "rows": rows}, indent=1))
     return 0
 
 

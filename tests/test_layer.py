@@ -49,7 +49,7 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("policy", ["mrs", "lru", "lfu"])
+@pytest.mark.parametrize("policy", ["mrs", "lru", "lfu", "bypass"])
 def test_every_mode_and_policy_matches_reference(tiny, tmp_path, mode, policy):
     m, store = tiny
     tmp = tmp_path
