@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=None,
                    help="threads of torch's own CPU ops (attention, norms); default 1 on a CPU device, "
                         "where torch's OpenMP pool and the expert kernels' pool would fight for the cores")
+    p.add_argument("--engine", default="auto", choices=("auto", "native", "python"),
+                   help="per-layer decisions: native C++ engine, the Python policies, or auto (native when built)")
     p.add_argument("--emulate-gpu", action="store_true",
                    help="without CUDA, run the GPU side on the host (exercises cache/scheduler/prefetch)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory when the GGUF's cannot be used")
@@ -112,7 +114,7 @@ def load(args):
                         schedule=args.schedule, prefetch_size=args.prefetch_size, device=str(device),
                         emulate_gpu=args.emulate_gpu, cpu_threads=args.cpu_threads, costs=args.costs,
                         record_timeline=bool(args.timeline or args.plot), record_routing=bool(args.trace_out),
-                        static_counts=None)
+                        engine=args.engine, static_counts=None)
     if args.policy == "static":
         import numpy as np
 
