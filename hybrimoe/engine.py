@@ -24,7 +24,9 @@ from __future__ import annotations
 import numpy as np
 
 from .cache import POLICIES, CacheConfigError, ExpertCache
+from .prefetch import PrefetchOrder
 from .scheduler import MODES, SEED_CONSTANTS, ScheduleError
+from .step import PrefetchDecision
 
 # struct DecideHeader (kernels/cpu/engine.h): the counts at the head of decide()'s int32 output
 HEADER_FIELDS = ("hits", "n_gpu", "n_loads", "n_cpu", "n_admitted", "n_refused", "n_evicted", "n_cpu_final")
@@ -153,14 +155,19 @@ class NativeCache:
         """Prefetcher.choose + admission in one engine call (hybrimoe.step.prefetch's twin):
         [PrefetchDecision]. The prefetcher keeps its Python bookkeeping (predictions scored later
         by `record`, the count of orders issued)."""
-        from .prefetch import PrefetchOrder
-        from .step import PrefetchDecision
-
         pf = prefetcher
+        tl_list, ps, exp_l, cnt_l, prob_l, off_l = [], [], [], [], [], [0]
         for tl, p in predictions.items():
+            e = p.experts.tolist() if isinstance(p.experts, np.ndarray) else [int(x) for x in p.experts]
             d = tl - layer
             if 1 <= d <= pf.horizon:
-                pf._last_pred[(tl, d)] = {int(e) for e in p.experts}
+                pf._last_pred[(tl, d)] = set(e)
+            tl_list.append(int(tl))
+            ps.append(p)
+            exp_l += e
+            cnt_l += p.counts.tolist() if isinstance(p.counts, np.ndarray) else [int(x) for x in p.counts]
+            prob_l += p.prob.tolist() if isinstance(p.prob, np.ndarray) else [float(x) for x in p.prob]
+            off_l.append(len(exp_l))
         if pf.prefetch_size <= 0 or not predictions:
             return []
         if pf.costs is not self._costs:
@@ -168,14 +175,12 @@ class NativeCache:
         if self._pseed is None:
             self._g.set_prefetch_seed(*SEED_CONSTANTS["deepseek"])  # scheduler.makespan's default
             self._pseed = True
-        tls = np.fromiter(predictions.keys(), np.int64, len(predictions))
-        ps = list(predictions.values())
-        off = np.zeros(len(ps) + 1, np.int64)
-        np.cumsum([len(p.experts) for p in ps], out=off[1:])
-        exp = np.concatenate([np.asarray(p.experts, np.int64) for p in ps])
-        cnt = np.concatenate([np.asarray(p.counts, np.int64) for p in ps])
-        prob = np.concatenate([np.asarray(p.prob, np.float64) for p in ps])
-        idle = np.array([float(idle_before.get(int(t), 0.0)) for t in tls], np.float64)
+        tls = np.array(tl_list, np.int64)
+        off = np.array(off_l, np.int64)
+        exp = np.array(exp_l, np.int64)
+        cnt = np.array(cnt_l, np.int64)
+        prob = np.array(prob_l, np.float64)
+        idle = np.array([float(idle_before.get(t, 0.0)) for t in tl_list], np.float64)
         k = max(int(pf.prefetch_size), 0)
         if self._pf_i.shape[0] < 5 * k:
             self._pf_i, self._pf_d = np.zeros(5 * k, np.int64), np.zeros(2 * k, np.float64)

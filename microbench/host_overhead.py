@@ -116,35 +116,48 @@ def layer_cpu_job_s(sets: int, reps: int, threads: int) -> float:
     return float(np.median(ts[sets:]))
 
 
-def decide_us(trace, engine: str, tokens: int, mode: str = "hybrid", reps: int = 60) -> float:
-    """Median microseconds of one layer's decisions alone (hybrimoe.step.decide: observe, access,
-    plan, pin, admit, then release) on the replayed routing, `tokens` consecutive trace tokens per
-    call, cache 16 (MRS), paper-a6000 costs: the native engine's call with its Python wrapper,
-    or the Python policies."""
+def decide_us(trace, engine: str, tokens: int, mode: str = "hybrid", reps: int = 60) -> tuple[float, float]:
+    """Median microseconds per layer of the decisions alone, on the replayed routing, `tokens`
+    consecutive trace tokens per call, cache 16 (MRS), paper-a6000 costs, either engine (the
+    native one timed with its Python wrapper): (hybrimoe.step.decide: observe, access, plan, pin,
+    admit; hybrimoe.step.prefetch with prefetch 2: choice and admission, on the true experts of the
+    next 3 layers as predictions with confidence 0.8 and an idle link)."""
     import copy
 
     from hybrimoe import engine as native
     from hybrimoe.cache import ExpertCache
     from hybrimoe.costs import CostModel
-    from hybrimoe.step import decide, release
+    from hybrimoe.prefetch import Prediction, Prefetcher
+    from hybrimoe.step import decide, prefetch, release
 
     costs = CostModel.paper_a6000("deepseek-v2-lite")
+    pf = Prefetcher(costs, 2, 3, mode)
     cache = ExpertCache(trace.n_layers, trace.n_experts, capacity=16, policy="mrs", top_k=trace.top_k)
     if engine == "native":
         cache = native.NativeCache.from_cache(copy.deepcopy(cache), costs)
     n = min(reps, trace.n_tokens // tokens)
-    ts = []
+    ts, tp = [], []
+    L = trace.n_layers
     for s in range(n):
         tok = slice(s * tokens, (s + 1) * tokens)
-        for j in range(trace.n_layers):
-            e, c = np.unique(trace.expert_ids[tok, j], return_counts=True)
+        routed = [np.unique(trace.expert_ids[tok, j], return_counts=True) for j in range(L)]
+        for j in range(L):
+            e, c = routed[j]
             sc = trace.score_matrix(tok, j)
             e = e.astype(np.int64)
+            preds = {t: Prediction(routed[t][0].astype(np.int64), routed[t][1], np.full(len(routed[t][0]), 0.8))
+                     for t in range(j + 1, min(j + 4, L))}
+            idle = {t: 1.0 for t in preds}
             t0 = time.perf_counter()
             decide(cache, costs, mode, j, e, c, sc)
+            t1 = time.perf_counter()
+            prefetch(cache, pf, j, preds, idle_before=idle)
+            t2 = time.perf_counter()
             release(cache, j)
-            ts.append(time.perf_counter() - t0)
-    return float(np.median(ts[len(ts) // 4:]) * 1e6)
+            ts.append(t1 - t0)
+            tp.append(t2 - t1)
+    k = len(ts) // 4
+    return float(np.median(ts[k:]) * 1e6), float(np.median(tp[k:]) * 1e6)
 
 
 def main(argv=None) -> int:
@@ -186,10 +199,13 @@ def main(argv=None) -> int:
     if trace is not None:  # the decisions alone, both engines, at one token and a 64-token chunk
         from hybrimoe import engine as native
 
-        drows = [{"name": f"decide/{eng}/T{T}", "engine": eng, "tokens": T, "mode": "hybrid",
-                  "decide_us": decide_us(trace, eng, T)}
-                 for T in (1, 64) for eng in ("python", "native") if eng == "python" or native.available()]
-        print_table(drows, ["name", "decide_us"])
+        drows = []
+        for T in (1, 64):
+            for eng in ("python", "native") if native.available() else ("python",):
+                d, p = decide_us(trace, eng, T)
+                drows.append({"name": f"decisions/{eng}/T{T}", "engine": eng, "tokens": T, "mode": "hybrid",
+                              "decide_us": d, "prefetch_choice_us": p})
+        print_table(drows, ["name", "decide_us", "prefetch_choice_us"])
         rows += drows
     write_results("host_overhead", rows, args.json)
     return 0
