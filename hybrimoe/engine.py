@@ -160,15 +160,18 @@ class NativeCache:
         for tl, p in predictions.items():
             e = p.experts.tolist() if isinstance(p.experts, np.ndarray) else [int(x) for x in p.experts]
             d = tl - layer
-            if 1 <= d <= pf.horizon:
-                pf._last_pred[(tl, d)] = set(e)
+            if not 1 <= d <= pf.horizon:
+                continue
+            pf._last_pred[(tl, d)] = set(e)
+            if idle_before.get(tl, 0.0) < pf.costs.transfer_time(tl):
+                continue  # no prefetch for it fits in the link's idle time (the engine would skip it too)
             tl_list.append(int(tl))
             ps.append(p)
             exp_l += e
             cnt_l += p.counts.tolist() if isinstance(p.counts, np.ndarray) else [int(x) for x in p.counts]
             prob_l += p.prob.tolist() if isinstance(p.prob, np.ndarray) else [float(x) for x in p.prob]
             off_l.append(len(exp_l))
-        if pf.prefetch_size <= 0 or not predictions:
+        if pf.prefetch_size <= 0 or not tl_list:
             return []
         if pf.costs is not self._costs:
             self.set_costs(pf.costs, self._table_n)
