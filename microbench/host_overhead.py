@@ -203,7 +203,8 @@ def main(argv=None) -> int:
         for T in (1, 64):
             for eng in ("python", "native") if native.available() else ("python",):
                 d, p = decide_us(trace, eng, T)
-                drows.append({"name": f"decisions/{eng}/T{T}", "engine": eng, "tokens": T, "mode": "hybrid",
+                drows.append({"name": f"decisions/{eng}/T{T}", "shape": "replayed routing, 8 MoE layers, 64 experts top-6, "
+                              "cache 16 (mrs), prefetch 2", "engine": eng, "tokens": T, "mode": "hybrid",
                               "decide_us": d, "prefetch_choice_us": p})
         print_table(drows, ["name", "decide_us", "prefetch_choice_us"])
         rows += drows
