@@ -262,7 +262,7 @@ def summary_lines(s: dict) -> list[str]:
         f"prefill {s['prefill_tokens']} tok in {s['prefill_s']:.3f} s = {s['prefill_tok_s']:.1f} tok/s; "
         f"decode {s['decode_tokens']} tok in {s['decode_s']:.3f} s = {s['decode_tok_s']:.2f} tok/s"]
     return speed + [
-        f"device {s['device']}, schedule {s['schedule']}, policy {s['policy']}, CPU tier {s['cpu_tier']}"
+        f"device {s['device']}, schedule {s['schedule']}, policy {s['policy']}, decisions {s.get('engine', 'python')}, CPU tier {s['cpu_tier']}"
         + (f", dense weights {s['dense']}" if "dense" in s else ""),
         f"cache hit rate {s['hit_rate']:.3f} ({s['hits']} hits / {s['misses']} misses, {s['evictions']} evictions); "
         f"experts on GPU {s['experts_gpu']} / CPU {s['experts_cpu']} "
