@@ -202,3 +202,10 @@ def test_runtime_with_either_engine_generates_the_same_tokens_and_decisions(tmp_
     assert da == db and any(len(x) == 5 for x in da)  # prefetches were among the decisions
     for k in ("hit_rate", "demand_loads", "prefetch_loads", "prefetch_used", "experts_cpu", "experts_gpu"):
         assert sa[k] == sb[k], k
+
+
+def test_decide_header_struct_and_its_numpy_twin_agree():
+    from hybrimoe import cpu
+
+    assert cpu._ext().DECIDE_HEADER_BYTES == engine.HEADER_DTYPE.itemsize == 32
+    assert engine.HEADER_DTYPE.names == engine.HEADER_FIELDS
