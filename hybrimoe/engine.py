@@ -14,8 +14,9 @@ The cost model stays calibrated in Python and reaches the engine as numbers: per
 cpu_time(n) and gpu_time(n) for n = 0..N (tables, grown when a layer sees more tokens), the
 transfer time and the two layer overheads.
 
-Not native yet: the prefetch choice (hybrimoe.prefetch.Prefetcher, Python, calling contains /
-can_admit / admit on this cache) and the CPU job's submission (hybrimoe.cpu).
+`prefetch` does hybrimoe.step.prefetch (Prefetcher.choose, then each order admitted) in one call
+too; the Prefetcher object keeps its Python bookkeeping (prediction accuracy, orders issued).
+Not native yet: the CPU job's submission (hybrimoe.cpu) and the look-ahead predictions.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from __future__ import annotations
 import numpy as np
 
 from .cache import CacheConfigError, ExpertCache
+from .prefetch import PrefetchOrder
+from .scheduler import MODES, SEED_CONSTANTS, ScheduleError
+from .step import PrefetchDecision
 
 # The policies the engine implements, in the order of its policy codes (engine.h). The admission
 # policies (bypass, min: hybrimoe.cache) have only their Python implementation.
 ENGINE_POLICIES = ("mrs", "lru", "lfu", "static")
-from .scheduler import MODES, SEED_CONSTANTS, Plan, ScheduleError
 
 # struct DecideHeader (kernels/cpu/engine.h): the counts at the head of decide()'s int32 output
 HEADER_FIELDS = ("hits", "n_gpu", "n_loads", "n_cpu", "n_admitted", "n_refused", "n_evicted", "n_cpu_final")
@@ -56,6 +59,7 @@ class NativeCache:
 
     def __init__(self, like: ExpertCache, costs):
         c = like
+        self.origin = like  # the Python cache it started from (left as it was: the engine owns the state now)
         if c.policy not in ENGINE_POLICIES:
             raise CacheConfigError(f"the native engine runs the cache policies {ENGINE_POLICIES}, not {c.policy!r} "
                                    "(its decisions are made by hybrimoe.cache's Python implementation)")
@@ -81,6 +85,8 @@ class NativeCache:
         self._costs = None
         self._table_n = 0
         self._seed_model = None
+        self._pseed = None
+        self._pf_i, self._pf_d = np.zeros(0, np.int64), np.zeros(0, np.float64)
         self.set_costs(costs)
 
     @classmethod
@@ -110,39 +116,97 @@ class NativeCache:
     def decide(self, costs, mode: str, layer: int, experts: np.ndarray, counts: np.ndarray, scores, *,
                pcie_busy: float = 0.0, ready=None, seed_model: str = "deepseek"):
         """observe -> access -> plan -> pin -> admit in the engine. Returns (header, lists, times):
-        header a HEADER_DTYPE record, lists {name: int32 array view}, times (8,) float64
-        (planned cpu_end, gpu_end, pcie_end, makespan; then the final plan's)."""
+        header (8 ints, HEADER_FIELDS), lists {name: list of ints} (engine.h's lists), times (8
+        floats: planned cpu_end, gpu_end, pcie_end, makespan; then the final plan's)."""
         if mode not in MODES:
             raise ScheduleError(f"unknown schedule mode {mode!r} (expected one of {MODES})")
         if costs is not self._costs:
             self.set_costs(costs, self._table_n)
-        ex = np.ascontiguousarray(experts, np.int64)
+        ex = experts if experts.dtype == np.int64 and experts.flags.c_contiguous else np.ascontiguousarray(experts,
+                                                                                                          np.int64)
         cnt = np.ascontiguousarray(counts, np.int64)
-        if cnt.size and int(cnt.max()) > self._table_n:
-            self.set_costs(costs, 1 << int(cnt.max()).bit_length())
+        n = ex.size
         if mode == "seed":
             self._seed(seed_model)
         if scores is not None:
-            scores = np.ascontiguousarray(scores, np.float32)
+            if scores.dtype != np.float32 or not scores.flags.c_contiguous:
+                scores = np.ascontiguousarray(scores, np.float32)
             if scores.ndim == 1:
                 scores = scores[None]
-            if scores.shape[1] != self.n_experts:
+            if scores.ndim != 2 or scores.shape[1] != self.n_experts:
                 raise CacheConfigError(f"observe(layer {layer}): scores (expected (T, {self.n_experts}), "
                                        f"found {scores.shape})")
         re = rt = None
         if ready:
             re = np.fromiter(ready.keys(), np.int64, len(ready))
             rt = np.fromiter(ready.values(), np.float64, len(ready))
-        self._g.decide(int(layer), MODES.index(mode), ex, cnt, scores, float(pcie_busy), re, rt, self._out,
-                       self._times)
-        h = self._out[:8]
-        o = 8
-        lists = {}
-        for name, k in (("gpu", h[1]), ("gpu_slots", h[1]), ("loads", h[2]), ("cpu", h[3]), ("admitted", h[4]),
+        try:
+            self._g.decide(layer, MODES.index(mode), ex, cnt, scores, pcie_busy, re, rt, self._out, self._times)
+        except IndexError:  # a token count beyond the cost tables (checked before any state changed)
+            if not n or int(cnt.min()) < 1:
+                raise ScheduleError(f"layer {layer}: token counts must be >= 1, found {cnt.tolist()}") from None
+            self.set_costs(costs, 1 << int(cnt.max()).bit_length())
+            self._g.decide(layer, MODES.index(mode), ex, cnt, scores, pcie_busy, re, rt, self._out, self._times)
+        o = self._out[:8 + 8 * n].tolist()
+        h = o[:8]
+        lists, k = {}, 8
+        for name, m in (("gpu", h[1]), ("gpu_slots", h[1]), ("loads", h[2]), ("cpu", h[3]), ("admitted", h[4]),
                         ("admitted_slots", h[4]), ("refused", h[5]), ("evicted", 2 * h[6]), ("cpu_final", h[7])):
-            lists[name] = self._out[o:o + k]
-            o += k
-        return h.view(HEADER_DTYPE)[0], lists, self._times
+            lists[name] = o[k:k + m]
+            k += m
+        return h, lists, self._times.tolist()
+
+    def prefetch(self, prefetcher, layer: int, predictions, idle_before) -> list:
+        """Prefetcher.choose + admission in one engine call (hybrimoe.step.prefetch's twin):
+        [PrefetchDecision]. The prefetcher keeps its Python bookkeeping (predictions scored later
+        by `record`, the count of orders issued)."""
+        pf = prefetcher
+        tl_list, ps, exp_l, cnt_l, prob_l, off_l = [], [], [], [], [], [0]
+        for tl, p in predictions.items():
+            e = p.experts.tolist() if isinstance(p.experts, np.ndarray) else [int(x) for x in p.experts]
+            d = tl - layer
+            if not 1 <= d <= pf.horizon:
+                continue
+            pf._last_pred[(tl, d)] = set(e)
+            if idle_before.get(tl, 0.0) < pf.costs.transfer_time(tl):
+                continue  # no prefetch for it fits in the link's idle time (the engine would skip it too)
+            tl_list.append(int(tl))
+            ps.append(p)
+            exp_l += e
+            cnt_l += p.counts.tolist() if isinstance(p.counts, np.ndarray) else [int(x) for x in p.counts]
+            prob_l += p.prob.tolist() if isinstance(p.prob, np.ndarray) else [float(x) for x in p.prob]
+            off_l.append(len(exp_l))
+        if pf.prefetch_size <= 0 or not tl_list:
+            return []
+        if pf.costs is not self._costs:
+            self.set_costs(pf.costs, self._table_n)
+        if self._pseed is None:
+            self._g.set_prefetch_seed(*SEED_CONSTANTS["deepseek"])  # scheduler.makespan's default
+            self._pseed = True
+        tls = np.array(tl_list, np.int64)
+        off = np.array(off_l, np.int64)
+        exp = np.array(exp_l, np.int64)
+        cnt = np.array(cnt_l, np.int64)
+        prob = np.array(prob_l, np.float64)
+        idle = np.array([float(idle_before.get(t, 0.0)) for t in tl_list], np.float64)
+        k = max(int(pf.prefetch_size), 0)
+        if self._pf_i.shape[0] < 5 * k:
+            self._pf_i, self._pf_d = np.zeros(5 * k, np.int64), np.zeros(2 * k, np.float64)
+        try:
+            n_chosen, n_out = self._g.prefetch(int(layer), tls, off, exp, cnt, prob, idle, k, int(pf.horizon),
+                                               MODES.index(pf.mode), float(pf.min_gain), self._pf_i, self._pf_d)
+        except IndexError:  # a predicted token count beyond the cost tables: grow them and retry
+            self.set_costs(pf.costs, 1 << int(cnt.max()).bit_length())
+            n_chosen, n_out = self._g.prefetch(int(layer), tls, off, exp, cnt, prob, idle, k, int(pf.horizon),
+                                               MODES.index(pf.mode), float(pf.min_gain), self._pf_i, self._pf_d)
+        pf.issued += n_chosen
+        oi, od = self._pf_i[:5 * n_out].tolist(), self._pf_d[:2 * n_out].tolist()
+        out = []
+        for j in range(n_out):
+            tl, e, slot, el, ee = oi[5 * j:5 * j + 5]
+            out.append(PrefetchDecision(PrefetchOrder(tl, e, od[2 * j], od[2 * j + 1]), slot,
+                                        None if el < 0 else (el, ee)))
+        return out
 
     # ------------------------------------------------------------------ the ExpertCache interface
     def contains(self, layer: int, expert: int) -> bool:
@@ -216,10 +280,3 @@ class NativeCache:
         if self.shared:
             return self.n_resident() * self.slot_bytes
         return sum(self.expert_bytes[j] * self.n_resident(j) for j in range(self.n_layers))
-
-
-def plan_of(layer: int, mode: str, lists: dict, key_gpu: str, key_loads: str, key_cpu: str, counts: dict,
-            t: np.ndarray) -> Plan:
-    """A scheduler.Plan from the engine's lists and four times."""
-    return Plan(layer, mode, tuple(lists[key_gpu].tolist()), tuple(lists[key_loads].tolist()),
-                tuple(lists[key_cpu].tolist()), counts, float(t[0]), float(t[1]), float(t[2]), float(t[3]))

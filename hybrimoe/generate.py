@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=None,
                    help="threads of torch's own CPU ops (attention, norms), 0..1024; default (or 0) 1 on a CPU "
                         "device, where torch's OpenMP pool and the expert kernels' pool would fight for the cores")
+    p.add_argument("--engine", default="auto", choices=("auto", "native", "python"),
+                   help="per-layer decisions: native C++ engine, the Python policies, or auto (native when built)")
     p.add_argument("--emulate-gpu", action="store_true",
                    help="without CUDA, run the GPU side on the host (exercises cache/scheduler/prefetch)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory when the GGUF's cannot be used")
@@ -141,7 +143,7 @@ def load(args):
                         schedule=args.schedule, prefetch_size=args.prefetch_size, device=str(device),
                         emulate_gpu=args.emulate_gpu, cpu_threads=args.cpu_threads, costs=args.costs,
                         record_timeline=bool(args.timeline or args.plot), record_routing=bool(args.trace_out),
-                        static_counts=None)
+                        engine=args.engine, static_counts=None)
     if args.policy == "static":
         import numpy as np
 
@@ -289,7 +291,7 @@ def summary_lines(s: dict) -> list[str]:
         f"prefill {s['prefill_tokens']} tok in {s['prefill_s']:.3f} s = {s['prefill_tok_s']:.1f} tok/s; "
         f"decode {s['decode_tokens']} tok in {s['decode_s']:.3f} s = {s['decode_tok_s']:.2f} tok/s"]
     return speed + [
-        f"device {s['device']}, schedule {s['schedule']}, policy {s['policy']}, CPU tier {s['cpu_tier']}"
+        f"device {s['device']}, schedule {s['schedule']}, policy {s['policy']}, decisions {s.get('engine', 'python')}, CPU tier {s['cpu_tier']}"
         + (f", dense weights {s['dense']}" if "dense" in s else ""),
         f"cache hit rate {s['hit_rate']:.3f} ({s['hits']} hits / {s['misses']} misses, {s['evictions']} evictions); "
         f"experts on GPU {s['experts_gpu']} / CPU {s['experts_cpu']} "

@@ -19,7 +19,7 @@ from torch import nn
 from . import reference
 from .errors import ModelConfigError
 from .reference import RoutingConfig
-from .runtime import GPU_SIDES, HybridRuntime, RuntimeConfig  # noqa: F401 - re-exported
+from .runtime import ENGINES, GPU_SIDES, HybridRuntime, RuntimeConfig  # noqa: F401 - re-exported
 from .stats import LayerStats  # noqa: F401 - re-exported
 
 

@@ -68,6 +68,12 @@ class LookAhead:
         js, _ = self.layers(i)
         pred_ids = la_np.reshape(la_np.shape[0], len(js), self.top_k)
         preds = {}
+        if la_np.shape[0] == 1:  # one token: each layer's top-k ids are distinct, one token each
+            ones = np.ones(self.top_k, np.int64)
+            for d, j in enumerate(js):
+                e = np.sort(pred_ids[0, d]).astype(np.int64, copy=False)
+                preds[j] = Prediction(e, ones, np.full(self.top_k, accuracy.get(d + 1, 0.5)))
+            return preds
         for d, j in enumerate(js):
             c = np.bincount(pred_ids[:, d].ravel(), minlength=self.n_experts)
             e = np.flatnonzero(c)

@@ -45,6 +45,7 @@ from .transfer import TransferEngine
 
 
 GPU_SIDES = ("cuda", "emulated", "emulated-triton", "none")
+ENGINES = ("auto", "native", "python")
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,10 @@ class RuntimeConfig:
     datasheet numbers), or None to calibrate at start-up (cached per machine and shapes in
     cache_dir). record_routing: keep every layer's routing (generate --trace-out;
     `routing_trace()`). record_decisions: keep every LayerDecision / PrefetchDecision
-    (`runtime.decisions`)."""
+    (`runtime.decisions`). engine: who takes the per-layer decisions (ENGINES): "native" (the C++
+    engine, hybrimoe.engine: one call per layer), "python" (the readable policies), "auto" (native
+    when the extension is built and runs the policy; the two decide identically, tests/test_engine.py;
+    the admission policy bypass has only its Python implementation)."""
 
     cache_size: int | None = None
     gpu_budget: int | None = None
@@ -86,6 +90,7 @@ class RuntimeConfig:
     prefetch_chunk_bytes: int = 1 << 20  # granularity of prefetch copies (demand loads overtake between chunks)
     record_routing: bool = False
     record_decisions: bool = False
+    engine: str = "auto"
 
     def gpu_side(self, device: torch.device) -> str:
         """The GPU side this configuration asks for on `device` (see the class docstring)."""
@@ -222,6 +227,21 @@ class HybridRuntime:
         self.gpu = gpu_executor(self.gpu_side, self.transfers, self.layouts, self._pool, self.n_experts, self.device,
                                 self.cpu_side)
         self.costs = runtime_costs(self)
+        # the decisions: native engine (one call per layer, GIL released) or the Python policies
+        if cfg.engine not in ENGINES:
+            raise HybrimoeError(f"engine {cfg.engine!r} (expected one of {', '.join(ENGINES)})")
+        from . import engine as native_engine
+
+        if cfg.engine == "native" and not native_engine.available():
+            raise HybrimoeError("engine 'native' needs the hybrimoe._cpu extension built with engine.cpp "
+                                "(pip install -e .); engine 'python' runs without it")
+        if cfg.engine == "native" and cfg.policy not in native_engine.ENGINE_POLICIES:
+            raise HybrimoeError(f"engine 'native' runs the cache policies {', '.join(native_engine.ENGINE_POLICIES)}, "
+                                f"not {cfg.policy!r}; use engine 'auto' or 'python' for it")
+        if (cfg.engine != "python" and native_engine.available()
+                and cfg.policy in native_engine.ENGINE_POLICIES):  # auto: bypass runs in Python
+            self.cache = native_engine.NativeCache.from_cache(self.cache, self.costs)
+        self.engine = "native" if getattr(self.cache, "native", False) else "python"
         self.prefetcher = Prefetcher(self.costs, cfg.prefetch_size, cfg.horizon,
                                      self.schedule) if cfg.prefetch_size > 0 and self.gpu_enabled else None
         self._fill_span = None  # FillSpan, on the first fill (admission policies)
@@ -275,6 +295,8 @@ class HybridRuntime:
         self.costs = costs
         if self.prefetcher is not None:
             self.prefetcher.costs = costs
+        if getattr(self.cache, "native", False):
+            self.cache.set_costs(costs)
 
     # -------------------------------------------------------------------------- helpers
     def _pool(self, i: int) -> int:

@@ -47,7 +47,7 @@ def summary(rt) -> dict:
     cs = rt.cache.stats()
     out = {
         "device": str(rt.device) + ("" if rt.gpu_real else (" (emulated gpu)" if rt.gpu_enabled else "")),
-        "schedule": rt.schedule, "policy": rt.config.policy, "cpu_tier": rt.cpu_tier(),
+        "schedule": rt.schedule, "engine": rt.engine, "policy": rt.config.policy, "cpu_tier": rt.cpu_tier(),
         "hit_rate": cs["hit_rate"], "hits": cs["hits"], "misses": cs["misses"], "evictions": cs["evictions"],
         "experts_gpu": tot.on_gpu, "experts_cpu": tot.on_cpu, "pairs_gpu": tot.tokens_gpu,
         "pairs_cpu": tot.tokens_cpu, "pcie_bytes": rt.transfers.stats.bytes,

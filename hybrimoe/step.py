@@ -116,30 +116,29 @@ def _decide_native(cache, costs, mode, layer, experts, counts, scores, prefetche
         prefetcher.record(layer, experts)
     h, li, t = cache.decide(costs, mode, layer, experts, counts, scores, pcie_busy=pcie_busy, ready=ready,
                             seed_model=seed_model)
-    cnt = [int(c) for c in np.asarray(counts).ravel()]
-    cmap = dict(zip(experts.tolist(), cnt))
-    gpu, loads, cpu = tuple(li["gpu"].tolist()), tuple(li["loads"].tolist()), tuple(li["cpu"].tolist())
-    admitted, refused = li["admitted"].tolist(), tuple(li["refused"].tolist())
+    ex = tuple(experts.tolist())
+    cnt = tuple(counts.tolist()) if isinstance(counts, np.ndarray) else tuple(int(c) for c in counts)
+    cmap = dict(zip(ex, cnt))
+    gpu, loads, cpu = tuple(li["gpu"]), tuple(li["loads"]), tuple(li["cpu"])
+    admitted, a_slots, refused = li["admitted"], li["admitted_slots"], tuple(li["refused"])
     if with_events:  # the lanes' events: the same placement timed again (the times are equal)
         planned = timeline(layer, gpu, loads, cpu, cmap, costs, pcie_busy=pcie_busy, ready=ready, mode=mode,
                            with_events=True)
     else:
-        planned = Plan(layer, mode, gpu, loads, cpu, cmap, float(t[0]), float(t[1]), float(t[2]), float(t[3]))
+        planned = Plan(layer, mode, gpu, loads, cpu, cmap, t[0], t[1], t[2], t[3])
     p = planned
     if refused:
-        cpu_final = tuple(li["cpu_final"].tolist())
+        cpu_final = tuple(li["cpu_final"])
         if with_events:
             p = timeline(layer, gpu, admitted, cpu_final, cmap, costs, pcie_busy=pcie_busy, ready=ready, mode=mode,
                          with_events=True)
         else:
-            p = Plan(layer, mode, gpu, tuple(admitted), cpu_final, cmap, float(t[4]), float(t[5]), float(t[6]),
-                     float(t[7]))
-    slots = dict(zip(gpu, li["gpu_slots"].tolist()))
-    a_slots = li["admitted_slots"].tolist()
+            p = Plan(layer, mode, gpu, tuple(admitted), cpu_final, cmap, t[4], t[5], t[6], t[7])
+    slots = dict(zip(gpu, li["gpu_slots"]))
     slots.update(zip(admitted, a_slots))
-    ev = li["evicted"].tolist()
-    return LayerDecision(layer, tuple(experts.tolist()), tuple(cnt), int(h["hits"]), planned, p, slots,
-                         tuple(zip(admitted, a_slots)), refused, tuple(zip(ev[0::2], ev[1::2])))
+    ev = li["evicted"]
+    return LayerDecision(layer, ex, cnt, h[0], planned, p, slots, tuple(zip(admitted, a_slots)), refused,
+                         tuple(zip(ev[0::2], ev[1::2])))
 
 
 def prefetch(cache, prefetcher, layer: int, predictions: Mapping[int, Prediction], *,
@@ -147,6 +146,8 @@ def prefetch(cache, prefetcher, layer: int, predictions: Mapping[int, Prediction
     """The prefetcher's choice for the layers after `layer`, admitted into the cache (each never
     evicting a pinned expert or a predicted one of its target layer); orders the cache refuses
     are dropped."""
+    if getattr(cache, "native", False):  # hybrimoe.engine.NativeCache: choice and admission in one call
+        return cache.prefetch(prefetcher, layer, predictions, idle_before)
     out = []
     for o in prefetcher.choose(layer, predictions, cache, idle_before=idle_before):
         slot, ev = cache.admit(o.layer, o.expert, prefetch=True, protect=predictions[o.layer].experts)

@@ -60,9 +60,9 @@ def build(tmp: str):
     return gm, store
 
 
-def run(store, gm, mode: str, prefetch: int, steps: int, trace, seed: int = 0) -> dict:
+def run(store, gm, mode: str, prefetch: int, steps: int, trace, seed: int = 0, engine: str = "auto") -> dict:
     cfg = RuntimeConfig(cache_size=gm.config.n_experts // 4, schedule=mode, prefetch_size=prefetch,
-                        emulate_gpu=True, device="cpu", costs="paper-a6000",
+                        emulate_gpu=True, device="cpu", costs="paper-a6000", engine=engine,
                         cpu_threads=max(1, cpu.physical_cores() - 1))  # one core left to Python, as on CUDA
     rt = HybridRuntime(store, cfg)
     g = torch.Generator().manual_seed(seed)
@@ -84,13 +84,14 @@ def run(store, gm, mode: str, prefetch: int, steps: int, trace, seed: int = 0) -
                 per_layer.append((st.sync_s - before[0], st.plan_s - before[1], st.prefetch_s - before[2]))
     s = rt.summary()
     rt.close()
+    engine_used = s["engine"]
     a = np.asarray(per_layer[len(layers):])  # the first step warms the caches of every path
     tot = a.sum(1)
     return {"sync_us": float(np.median(a[:, 0]) * 1e6), "plan_us": float(np.median(a[:, 1]) * 1e6),
             "prefetch_us": float(np.median(a[:, 2]) * 1e6), "median_us": float(np.median(tot) * 1e6),
             "mean_us": float(tot.mean() * 1e6), "p90_us": float(np.percentile(tot, 90) * 1e6), "hit_rate": s["hit_rate"],
             "demand_loads": s["demand_loads"], "prefetch_loads": s["prefetch_loads"],
-            "prefetch_accuracy": s.get("prefetch_accuracy")}
+            "prefetch_accuracy": s.get("prefetch_accuracy"), "engine_used": engine_used}
 
 
 def layer_cpu_job_s(sets: int, reps: int, threads: int) -> float:
@@ -115,11 +116,57 @@ def layer_cpu_job_s(sets: int, reps: int, threads: int) -> float:
     return float(np.median(ts[sets:]))
 
 
+def decide_us(trace, engine: str, tokens: int, mode: str = "hybrid", reps: int = 60) -> tuple[float, float]:
+    """Median microseconds per layer of the decisions alone, on the replayed routing, `tokens`
+    consecutive trace tokens per call, cache 16 (MRS), paper-a6000 costs, either engine (the
+    native one timed with its Python wrapper): (hybrimoe.step.decide: observe, access, plan, pin,
+    admit; hybrimoe.step.prefetch with prefetch 2: choice and admission, on the true experts of the
+    next 3 layers as predictions with confidence 0.8 and an idle link)."""
+    import copy
+
+    from hybrimoe import engine as native
+    from hybrimoe.cache import ExpertCache
+    from hybrimoe.costs import CostModel
+    from hybrimoe.prefetch import Prediction, Prefetcher
+    from hybrimoe.step import decide, prefetch, release
+
+    costs = CostModel.paper_a6000("deepseek-v2-lite")
+    pf = Prefetcher(costs, 2, 3, mode)
+    cache = ExpertCache(trace.n_layers, trace.n_experts, capacity=16, policy="mrs", top_k=trace.top_k)
+    if engine == "native":
+        cache = native.NativeCache.from_cache(copy.deepcopy(cache), costs)
+    n = min(reps, trace.n_tokens // tokens)
+    ts, tp = [], []
+    L = trace.n_layers
+    for s in range(n):
+        tok = slice(s * tokens, (s + 1) * tokens)
+        routed = [np.unique(trace.expert_ids[tok, j], return_counts=True) for j in range(L)]
+        for j in range(L):
+            e, c = routed[j]
+            sc = trace.score_matrix(tok, j)
+            e = e.astype(np.int64)
+            preds = {t: Prediction(routed[t][0].astype(np.int64), routed[t][1], np.full(len(routed[t][0]), 0.8))
+                     for t in range(j + 1, min(j + 4, L))}
+            idle = {t: 1.0 for t in preds}
+            t0 = time.perf_counter()
+            decide(cache, costs, mode, j, e, c, sc)
+            t1 = time.perf_counter()
+            prefetch(cache, pf, j, preds, idle_before=idle)
+            t2 = time.perf_counter()
+            release(cache, j)
+            ts.append(t1 - t0)
+            tp.append(t2 - t1)
+    k = len(ts) // 4
+    return float(np.median(ts[k:]) * 1e6), float(np.median(tp[k:]) * 1e6)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--steps", type=int, default=None, help="decode steps per configuration (default 200, quick 60)")
+    ap.add_argument("--engine", default="auto", choices=("auto", "native", "python"),
+                    help="who takes the per-layer decisions (RuntimeConfig.engine)")
     ap.add_argument("--trace", default=FLAME if os.path.exists(FLAME) else None,
                     help="routing trace to replay (default: FLAME-290M when ../shared/traces is there)")
     args = ap.parse_args(argv)
@@ -134,10 +181,11 @@ def main(argv=None) -> int:
         gm, store = build(tmp)
         rows = []
         for mode, pf in CONFIGS:
-            r = run(store, gm, mode, pf, steps, trace)
+            r = run(store, gm, mode, pf, steps, trace, engine=args.engine)
             rows.append({"name": f"{mode}/pf{pf}", "shape": f"{CONFIG.n_layers - 1} MoE layers, 64 experts top-6, "
                          "cache 16", "tokens": 1, "steps": steps, "mode": mode, "prefetch": pf,
-                         "routing": os.path.basename(args.trace) if trace is not None else "router", **r})
+                         "routing": os.path.basename(args.trace) if trace is not None else "router",
+                         "engine": args.engine, **r})
     job_us = layer_cpu_job_s(2 if args.quick else 4, 20 if args.quick else 60,
                              max(1, cpu.physical_cores() - 1)) * 1e6
     base = next(r["median_us"] for r in rows if r["mode"] == "kt-static")
@@ -148,6 +196,18 @@ def main(argv=None) -> int:
     print_table(rows, ["name", "median_us", "mean_us", "p90_us", "sync_us", "plan_us", "prefetch_us", "x_vs_kt-static",
                        "frac_of_layer_cpu_job",
                        "hit_rate", "demand_loads", "prefetch_loads"])
+    if trace is not None:  # the decisions alone, both engines, at one token and a 64-token chunk
+        from hybrimoe import engine as native
+
+        drows = []
+        for T in (1, 64):
+            for eng in ("python", "native") if native.available() else ("python",):
+                d, p = decide_us(trace, eng, T)
+                drows.append({"name": f"decisions/{eng}/T{T}", "shape": "replayed routing, 8 MoE layers, 64 experts top-6, "
+                              "cache 16 (mrs), prefetch 2", "engine": eng, "tokens": T, "mode": "hybrid",
+                              "decide_us": d, "prefetch_choice_us": p})
+        print_table(drows, ["name", "decide_us", "prefetch_choice_us"])
+        rows += drows
     write_results("host_overhead", rows, args.json)
     return 0
 

@@ -47,7 +47,8 @@ def _keys(decisions):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("policy,cache", [("mrs", 3), ("lru", 1), ("lfu", 2), ("static", 3), ("lru", "budget")])
-def test_runtime_and_simulator_decide_alike(tiny, tmp_path, rng, mode, policy, cache):
+@pytest.mark.parametrize("engine", ["python", "auto"])
+def test_runtime_and_simulator_decide_alike(tiny, tmp_path, rng, mode, policy, cache, engine):
     m, store = tiny
     L, E, k = len(store.layers), m.config.n_experts, m.config.top_k
     tr = _trace(rng, L, E, k)
@@ -56,10 +57,14 @@ def test_runtime_and_simulator_decide_alike(tiny, tmp_path, rng, mode, policy, c
     static = tr.counts() if policy == "static" else None
     rt = HybridRuntime(store, RuntimeConfig(policy=policy, schedule=mode, emulate_gpu=True, device="cpu",
                                             costs="paper-a6000", cache_dir=str(tmp_path), static_counts=static,
-                                            record_decisions=True, **size))
+                                            record_decisions=True, engine=engine, **size))
+    from hybrimoe import engine as native
+
+    assert rt.engine == ("native" if engine == "auto" and native.available() else "python")
     costs = _costs(nbytes)
     rt.set_costs(costs)
-    sim_cache = copy.deepcopy(rt.cache)  # the same starting residents and slots
+    # the same starting residents and slots (a native runtime's cache started from a Python one)
+    sim_cache = copy.deepcopy(getattr(rt.cache, "origin", rt.cache))
     # runtime: one token per step, every MoE layer in order, routing taken from the trace
     g = torch.Generator().manual_seed(0)
     for t in range(tr.n_tokens):

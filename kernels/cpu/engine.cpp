@@ -9,6 +9,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <functional>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -212,9 +213,9 @@ class Engine {
                 double* times) {
         if (layer < 0 || layer >= L_) throw std::invalid_argument("Engine.decide: layer out of range");
         for (int i = 0; i < n; ++i) check(layer, (int)ex[i]);
+        const LayerCosts& lc = costs_for(layer, cnt, n);  // before any state changes: a caller may grow the tables and retry
         if (scores) observe(layer, scores, T);
         const int hits = access(layer, ex, n);
-        const LayerCosts& lc = costs_for(layer, cnt, n);
         // queue: resident by (count desc, id), then the rest by (count desc, id)
         std::vector<int> cached, rest;
         std::vector<int64_t> count_of(E_, 0);
@@ -235,7 +236,7 @@ class Engine {
             return 0.0;
         };
         std::vector<int> gpu, loads, cpu;
-        place(mode, lc, queue, is_cached, count_of, pcie_busy, ready_of, gpu, loads, cpu);
+        place(mode, lc, queue, is_cached, count_of, pcie_busy, ready_of, gpu, loads, cpu, seed_);
         lanes(lc, gpu, loads, cpu, count_of, pcie_busy, ready_of, times);
         pin(layer, ex, n);
         std::vector<int> gpu_slots, admitted, admitted_slots, refused;
@@ -277,6 +278,126 @@ class Engine {
             *o++ = (int32_t)(k % E_);
         }
         put(cpu_final);
+    }
+
+    // The prefetcher's choice (hybrimoe/prefetch.py Prefetcher.choose) and its admission
+    // (hybrimoe/step.py prefetch), in one call. Targets in order; per target t its predicted
+    // experts exp[off[t]..off[t+1]) with token counts and probabilities, and the link's idle
+    // seconds before it. Writes per admitted order (target layer, expert, slot, evicted layer,
+    // evicted expert) into out_i (5 int64 each) and (gain, transfer seconds) into out_d; returns
+    // how many orders the prefetcher chose (admitted or not: n_chosen) and how many were admitted.
+    std::pair<int, int> prefetch(int layer, int n_t, const int64_t* tls, const int64_t* off, const int64_t* exp,
+                                 const int64_t* cnt, const double* prob, const double* idle, int prefetch_size,
+                                 int horizon, int mode, double min_gain, int64_t* out_i, double* out_d) {
+        struct Cand {
+            int tl, e;
+            double pr;
+            int64_t n;
+        };
+        std::vector<Cand> cands;
+        std::vector<std::vector<int64_t>> hits(n_t), rest(n_t);
+        std::vector<double> base(n_t, 0.0);
+        std::vector<uint8_t> has_base(n_t, 0);
+        auto idle_of = [&](int tl) {
+            for (int t = 0; t < n_t; ++t)
+                if (tls[t] == tl) return idle[t];
+            return 0.0;
+        };
+        auto tidx = [&](int tl) {
+            for (int t = 0; t < n_t; ++t)
+                if (tls[t] == tl) return t;
+            return -1;
+        };
+        for (int t = 0; t < n_t; ++t) {
+            const int tl = (int)tls[t];
+            if (tl - layer < 1 || tl - layer > horizon || idle[t] < transfer_of(tl)) continue;
+            std::vector<Cand> lc;
+            for (int64_t j = off[t]; j < off[t + 1]; ++j) {
+                const int e = (int)exp[j];
+                check(tl, e);
+                if (contains(tl, e)) {
+                    hits[t].push_back(cnt[j]);
+                } else {
+                    rest[t].push_back(cnt[j]);
+                    if (prob[j] > 0) lc.push_back({tl, e, prob[j], cnt[j]});
+                }
+            }
+            if (!lc.empty()) {
+                std::vector<int> protect;
+                for (int64_t j = off[t]; j < off[t + 1]; ++j) protect.push_back((int)exp[j]);
+                if (can_admit(tl, lc[0].e, protect, true)) cands.insert(cands.end(), lc.begin(), lc.end());
+            }
+        }
+        double used = 0.0;
+        // (target index, count) -> seconds saved; cleared per target on a pick
+        std::vector<std::vector<std::pair<int64_t, double>>> saved(n_t);
+        int n_out = 0, n_chosen = 0;
+        while (!cands.empty() && n_chosen < prefetch_size) {
+            std::vector<Cand> keep;
+            for (const Cand& c : cands)
+                if (used + transfer_of(c.tl) <= idle_of(c.tl)) keep.push_back(c);
+            cands.swap(keep);
+            int best = -1;
+            double best_g = 0.0;
+            for (int i = 0; i < (int)cands.size(); ++i) {
+                const Cand& c = cands[i];
+                const int t = tidx(c.tl);
+                double d = 0.0;
+                bool found = false;
+                for (auto& sv : saved[t])
+                    if (sv.first == c.n) {
+                        d = sv.second;
+                        found = true;
+                        break;
+                    }
+                if (!found) {
+                    if (!has_base[t]) {
+                        base[t] = makespan_of(c.tl, hits[t], rest[t], mode);
+                        has_base[t] = 1;
+                    }
+                    std::vector<int64_t> r(rest[t]);
+                    r.erase(std::find(r.begin(), r.end(), c.n));
+                    std::vector<int64_t> h(hits[t]);
+                    h.push_back(c.n);
+                    d = base[t] - makespan_of(c.tl, h, r, mode);
+                    saved[t].emplace_back(c.n, d);
+                }
+                const double g = c.pr * d;
+                if (best < 0 || g > best_g) {
+                    best = i;
+                    best_g = g;
+                }
+            }
+            if (best < 0 || best_g <= min_gain) break;
+            const Cand c = cands[best];
+            const int t = tidx(c.tl);
+            const double tr = transfer_of(c.tl);
+            cands.erase(cands.begin() + best);
+            used += tr;
+            hits[t].push_back(c.n);
+            rest[t].erase(std::find(rest[t].begin(), rest[t].end(), c.n));
+            has_base[t] = 0;
+            saved[t].clear();
+            ++n_chosen;
+            // admission (step.prefetch): protect the target layer's predicted experts
+            std::vector<int64_t> prot(exp + off[t], exp + off[t + 1]);
+            auto r = admit(c.tl, c.e, true, prot.data(), (int)prot.size());
+            if (r.first < 0) continue;
+            int64_t* o = out_i + 5 * (size_t)n_out;
+            o[0] = c.tl;
+            o[1] = c.e;
+            o[2] = r.first;
+            o[3] = r.second >= 0 ? r.second / E_ : -1;
+            o[4] = r.second >= 0 ? r.second % E_ : -1;
+            out_d[2 * n_out] = best_g;
+            out_d[2 * n_out + 1] = tr;
+            ++n_out;
+        }
+        return {n_chosen, n_out};
+    }
+
+    void set_prefetch_seed(double g_unit, double c_coef, double c_icpt, double move) {
+        pseed_ = {g_unit, c_coef, c_icpt, move};
     }
 
     py::dict stats() const {
@@ -322,9 +443,10 @@ class Engine {
     std::vector<std::vector<int>> free_;
     std::vector<int> capacity_;
     std::vector<LayerCosts> costs_;
-    struct {
+    struct Seed {
         double g_unit = 0.5, c_coef = 1.0, c_icpt = 0.79, move = 0.41791011235117914;
-    } seed_;
+    };
+    Seed seed_, pseed_;  // the plan's (seed_model) and the prefetcher's (scheduler.makespan's default)
     int64_t hits_ = 0, misses_ = 0, evictions_ = 0, bypass_ = 0, prefetch_used_ = 0, prefetch_wasted_ = 0;
     std::vector<int64_t> used_by_layer_, wasted_by_layer_;
 
@@ -356,6 +478,31 @@ class Engine {
                 throw std::out_of_range("Engine: token count " + std::to_string(cnt[i]) + " outside the cost tables (1.." +
                                         std::to_string(lc.cpu.size() - 1) + ")");
         return lc;
+    }
+
+    double transfer_of(int tl) const {
+        if (costs_.empty()) throw std::runtime_error("Engine: no cost model (set_costs)");
+        return costs_[costs_.size() == 1 ? 0 : tl].transfer;
+    }
+
+    // scheduler.makespan: the plan's makespan from token counts (resident ones, the others)
+    double makespan_of(int tl, std::vector<int64_t> res, std::vector<int64_t> other, int mode) const {
+        std::sort(res.begin(), res.end(), std::greater<int64_t>());
+        std::sort(other.begin(), other.end(), std::greater<int64_t>());
+        const int nh = (int)res.size(), n = nh + (int)other.size();
+        std::vector<int64_t> count(res);
+        count.insert(count.end(), other.begin(), other.end());
+        std::vector<int> queue(n);
+        std::vector<uint8_t> cached(n, 0);
+        for (int i = 0; i < n; ++i) queue[i] = i;
+        for (int i = 0; i < nh; ++i) cached[i] = 1;
+        const LayerCosts& lc = costs_for(tl, count.data(), n);
+        auto ready = [](int) { return 0.0; };
+        std::vector<int> gpu, loads, cpu;
+        place(mode, lc, queue, cached, count, 0.0, ready, gpu, loads, cpu, pseed_);
+        double t[4];
+        lanes(lc, gpu, loads, cpu, count, 0.0, ready, t);
+        return t[3];
     }
 
     int64_t victim(int p, int layer, const int64_t* protect, int n_protect, bool demand) const {
@@ -411,7 +558,7 @@ class Engine {
     template <class Ready>
     void place(int mode, const LayerCosts& lc, const std::vector<int>& queue, const std::vector<uint8_t>& cached,
                const std::vector<int64_t>& count, double pcie_busy, Ready ready, std::vector<int>& gpu,
-               std::vector<int>& loads, std::vector<int>& cpu) const {
+               std::vector<int>& loads, std::vector<int>& cpu, const Seed& seed) const {
         if (mode == KT_STATIC || mode == GPU_ONLY || mode == CPU_ONLY) {
             for (int e : queue) {
                 if (mode == CPU_ONLY) cpu.push_back(e);
@@ -432,12 +579,12 @@ class Engine {
             while (lo <= hi) {
                 const int f = queue[lo], b = queue[hi];
                 const bool is_move = !cached[f];
-                double g_time = seed_.g_unit;
-                const double c_time = seed_.c_coef * (double)count[b] + (cpu.empty() ? seed_.c_icpt : 0.0);
-                if (is_move && m_tot + seed_.move > g_tot) g_time += m_tot + seed_.move - g_tot;
+                double g_time = seed.g_unit;
+                const double c_time = seed.c_coef * (double)count[b] + (cpu.empty() ? seed.c_icpt : 0.0);
+                if (is_move && m_tot + seed.move > g_tot) g_time += m_tot + seed.move - g_tot;
                 if (g_tot + g_time <= c_tot + c_time) {
                     if (is_move) {
-                        m_tot += seed_.move;
+                        m_tot += seed.move;
                         loads.push_back(f);
                     } else {
                         gpu.push_back(f);
@@ -562,6 +709,30 @@ void register_engine(py::module_& m) {
             py::arg("layer"), py::arg("mode"), py::arg("experts"), py::arg("counts"), py::arg("scores"),
             py::arg("pcie_busy"), py::arg("ready_experts"), py::arg("ready_times"), py::arg("out"), py::arg("times"),
             "observe -> access -> plan -> pin -> admit for one layer (hybrimoe.step.decide's twin); GIL released.")
+        .def("set_prefetch_seed", &Engine::set_prefetch_seed)
+        .def(
+            "prefetch",
+            [](Engine& g, int layer, py::array_t<int64_t, py::array::c_style> tls, py::array_t<int64_t, py::array::c_style> off,
+               py::array_t<int64_t, py::array::c_style> exp, py::array_t<int64_t, py::array::c_style> cnt,
+               py::array_t<double, py::array::c_style> prob, py::array_t<double, py::array::c_style> idle, int prefetch_size,
+               int horizon, int mode, double min_gain, py::array_t<int64_t, py::array::c_style> out_i,
+               py::array_t<double, py::array::c_style> out_d) {
+                const int n_t = (int)tls.size();
+                if (off.size() != n_t + 1 || idle.size() != n_t) throw std::invalid_argument("Engine.prefetch: shapes");
+                const int64_t n_e = off.data()[n_t];
+                if (exp.size() != n_e || cnt.size() != n_e || prob.size() != n_e)
+                    throw std::invalid_argument("Engine.prefetch: experts/counts/probs must have off[-1] entries");
+                if (out_i.size() < 5 * (py::ssize_t)std::max(prefetch_size, 0) ||
+                    out_d.size() < 2 * (py::ssize_t)std::max(prefetch_size, 0))
+                    throw std::invalid_argument("Engine.prefetch: output buffers too small");
+                const int64_t *a = tls.data(), *b = off.data(), *c = exp.data(), *d = cnt.data();
+                const double *p = prob.data(), *q = idle.data();
+                int64_t* oi = out_i.mutable_data();
+                double* od = out_d.mutable_data();
+                py::gil_scoped_release nogil;
+                return g.prefetch(layer, n_t, a, b, c, d, p, q, prefetch_size, horizon, mode, min_gain, oi, od);
+            },
+            "Prefetcher.choose + admission (hybrimoe.step.prefetch's twin); GIL released.")
         .def("stats", &Engine::stats)
         .def("used_by_layer", &Engine::used_by_layer)
         .def("wasted_by_layer", &Engine::wasted_by_layer)

@@ -2,7 +2,8 @@
 // hybrimoe/step.py's decide() with hybrimoe/scheduler.py's plan. One call per MoE layer does
 // observe -> access -> plan -> pin -> admit on state kept here, with no Python in between; the
 // Python policies stay the readable reference and tests/test_engine.py requires identical
-// decisions step by step. Python face: hybrimoe/engine.py.
+// decisions step by step. Python face: hybrimoe/engine.py. A second call per layer, prefetch(),
+// is the twin of Prefetcher.choose plus the admission of its orders (hybrimoe/step.py prefetch).
 //
 // Outputs of decide() go into caller-owned buffers (numpy twins in hybrimoe/engine.py):
 //   DecideHeader (8 int32), then int32 lists in the order of the header's counts, and
