@@ -150,7 +150,7 @@ def main(argv=None) -> int:
 
     prof = Profiler(model)
     # router and moe_begin/moe_end, timed by wrapping the functions the layer calls
-    route0, begin0, end0, submit0 = layer_mod.reference.route, rt.moe_begin, rt.moe_end, rt._ffn_submit
+    route0, begin0, end0, submit0 = layer_mod.reference.route, rt.moe_begin, rt.moe_end, rt.cpu_side.submit
 
     def timed(fn, part):
         def f(*a, **k):
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     layer_mod.reference.route = timed(route0, "router")
     rt.moe_begin, rt.moe_end = timed(begin0, "moe_begin"), timed(end0, "moe job")
     # the job's submit (on a host without a GPU: the whole job, run by the calling thread)
-    rt._ffn_submit = timed(submit0, "moe submit")
+    rt.cpu_side.submit = timed(submit0, "moe submit")
     tok_t = []
 
     def on_token(new):
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
         new, _, t_dec = generate_ids(model, prompt, args.decode, rt, on_token=on_token)
     finally:
         layer_mod.reference.route = route0
-        rt.moe_begin, rt.moe_end, rt._ffn_submit = begin0, end0, submit0
+        rt.moe_begin, rt.moe_end, rt.cpu_side.submit = begin0, end0, submit0
         prof.remove()
     n_tok = len(new) - 1
     token_s = (tok_t[-1] - tok_t[0]) / n_tok
