@@ -477,6 +477,12 @@ def write_gguf(cfg: SynthConfig, path: str | os.PathLike, progress: bool = False
     return path
 
 
+# Bumped whenever the bytes write_gguf produces for a preset change, so that a cached file written
+# by an older release is not reused: 2 = the llama.cpp keys (q_lora_rank, expert_shared_count) and
+# the <|endoftext|> end token with eos/eot ids.
+WRITER_REVISION = 2
+
+
 def default_cache_dir() -> str:
     return os.environ.get("HYBRIMOE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hybrimoe"))
 
@@ -493,7 +499,7 @@ def ensure_preset(name: str = "tiny", n_layers: int | None = None, cache_dir: st
     os.makedirs(cache_dir, exist_ok=True)
     from . import __version__
 
-    path = os.path.join(cache_dir, f"synth-{name}-L{cfg.n_layers}-v{__version__}.gguf")
+    path = os.path.join(cache_dir, f"synth-{name}-L{cfg.n_layers}-v{__version__}-r{WRITER_REVISION}.gguf")
     if not os.path.exists(path):
         tmp = path + f".tmp{os.getpid()}"
         write_gguf(cfg, tmp, progress=progress)

@@ -596,3 +596,18 @@ def test_split_expert_file_generates_like_merged(paths, tmp_path):
         outs.append((logits, new))
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=0)
     assert outs[1][1] == outs[0][1] and len(outs[0][1]) == 12
+
+
+def test_preset_cache_name_carries_the_writer_revision(tmp_path):
+    """A preset cached by a release whose writer made other bytes is not reused: the cached name
+    carries synth.WRITER_REVISION; a second call reuses the file it wrote."""
+    import os
+
+    import gguf
+
+    path = synth.ensure_preset("tiny", cache_dir=str(tmp_path))
+    assert os.path.basename(path).endswith(f"-r{synth.WRITER_REVISION}.gguf")
+    mtime = os.stat(path).st_mtime_ns
+    assert synth.ensure_preset("tiny", cache_dir=str(tmp_path)) == path and os.stat(path).st_mtime_ns == mtime
+    keys = gguf.GGUFReader(path).fields
+    assert "deepseek2.attention.q_lora_rank" in keys  # what revision 2 added for llama.cpp
