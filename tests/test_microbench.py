@@ -28,7 +28,7 @@ _SLOW = {"soak"}
 
 @pytest.mark.parametrize("stem", [pytest.param(s, marks=pytest.mark.slow) if s in _SLOW else s for s in SCRIPTS])
 def test_quick_run_writes_the_result_document(stem, tmp_path):
-    if stem == "sim_policies" and not TRACES.is_dir():
+    if stem in ("sim_policies", "trace_predictability") and not TRACES.is_dir():
         pytest.skip(f"needs the shared routing traces ({TRACES})")
     out = tmp_path / f"{stem}.json"
     r = subprocess.run([sys.executable, str(BENCH / f"{stem}.py"), "--quick", "--json", str(out)],
