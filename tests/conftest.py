@@ -60,3 +60,19 @@ def tiny(tmp_path_factory):
     store = ExpertStore(m)
     store.pack(pin=False)
     return m, store
+
+
+def replay_trace(rt, store, tr, hidden: int, seed: int = 0):
+    """Drive `rt` with a trace's routing: one token per step, every MoE layer in order, a fresh
+    random hidden state each call. Yields (layer, x, ids, w, y) after each layer call."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for t in range(tr.n_tokens):
+        if t:
+            rt.next_step()
+        for j, layer in enumerate(store.layers):
+            x = torch.randn(1, hidden, generator=g)
+            ids = torch.from_numpy(tr.expert_ids[t, j].astype(np.int64))[None]
+            w = torch.from_numpy(tr.scores[t, j].copy())[None]
+            yield layer, x, ids, w, rt.moe(layer, x, ids, w, torch.from_numpy(tr.score_matrix(slice(t, t + 1), j)))

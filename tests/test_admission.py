@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import replay_trace
 
 from hybrimoe.cache import ADMISSION_POLICIES, POLICIES, RUNTIME_POLICIES, CacheConfigError, ExpertCache
 from hybrimoe.costs import CostModel, LayerCost
@@ -226,20 +227,12 @@ def test_runtime_runs_bypass_with_the_simulators_decisions(tiny, tmp_path, rng, 
     costs = _costs(cpu=1e-3, transfer=1e-9, nbytes=nbytes)
     rt.set_costs(costs)
     sim_cache = copy.deepcopy(rt.cache)
-    g = torch.Generator().manual_seed(0)
     ys, refs = [], []
-    for t in range(tr.n_tokens):
-        if t:
-            rt.next_step()
-        for j, layer in enumerate(store.layers):
-            x = torch.randn(1, m.config.hidden, generator=g)
-            ids = torch.from_numpy(tr.expert_ids[t, j].astype(np.int64))[None]
-            w = torch.from_numpy(tr.scores[t, j].copy())[None]
-            y = rt.moe(layer, x, ids, w, torch.from_numpy(tr.score_matrix(slice(t, t + 1), j)))
-            ref = moe_routed(x, ids, w, lambda e, layer=layer: tuple(
-                torch.from_numpy(a) for a in store.dequant_expert(layer, e)))
-            ys.append(y)
-            refs.append(ref)
+    for layer, x, ids, w, y in replay_trace(rt, store, tr, m.config.hidden):
+        ref = moe_routed(x, ids, w, lambda e, layer=layer: tuple(
+            torch.from_numpy(a) for a in store.dequant_expert(layer, e)))
+        ys.append(y)
+        refs.append(ref)
     res = simulate(tr, sim_cache, costs, mode, log=True)
     sim = [(r["decision"].key(), tuple(f.key() for f in r.get("fills", []))) for r in res.layer_log]
     got, cur = [], None

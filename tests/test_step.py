@@ -21,6 +21,7 @@ from hybrimoe.scheduler import MODES, timeline
 from hybrimoe.sim import simulate
 from hybrimoe.step import decide, release
 from hybrimoe.traces import DECODE, PREFILL, Trace
+from conftest import replay_trace
 
 
 def _costs(nbytes, cpu_per_tok=1e-4, gpu=2e-5, transfer=1e-4):
@@ -66,15 +67,8 @@ def test_runtime_and_simulator_decide_alike(tiny, tmp_path, rng, mode, policy, c
     # the same starting residents and slots (a native runtime's cache started from a Python one)
     sim_cache = copy.deepcopy(getattr(rt.cache, "origin", rt.cache))
     # runtime: one token per step, every MoE layer in order, routing taken from the trace
-    g = torch.Generator().manual_seed(0)
-    for t in range(tr.n_tokens):
-        if t:
-            rt.next_step()
-        for j, layer in enumerate(store.layers):
-            x = torch.randn(1, m.config.hidden, generator=g)
-            ids = torch.from_numpy(tr.expert_ids[t, j].astype(np.int64))[None]
-            w = torch.from_numpy(tr.scores[t, j].copy())[None]
-            rt.moe(layer, x, ids, w, torch.from_numpy(tr.score_matrix(slice(t, t + 1), j)))
+    for _ in replay_trace(rt, store, tr, m.config.hidden):
+        pass
     res = simulate(tr, sim_cache, costs, mode, log=True)
     sim_d = [r["decision"] for r in res.layer_log]
     rt_d = [d for _, d in rt.decisions]
