@@ -126,6 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny preset, < 1 minute")
     ap.add_argument("--preset", default="dsv2-lite")
+    ap.add_argument("--gguf", default=None, help="GGUF file (default: the --preset synthetic model)")
     ap.add_argument("--layers", type=int, default=None, help="total layers (default: the preset's)")
     ap.add_argument("--context", type=int, default=64, help="prompt tokens before decoding")
     ap.add_argument("--decode", type=int, default=16)
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     preset = "tiny" if args.quick else args.preset
     if args.quick:
         args.context, args.decode = 16, 4
-    path = synth.ensure_preset(preset, n_layers=args.layers, progress=True)
+    path = args.gguf or synth.ensure_preset(preset, n_layers=args.layers, progress=True)
     gm = GGUFModel(path)
     store = ExpertStore(gm)
     rt = HybridRuntime(store, RuntimeConfig(device="cpu", schedule="cpu-only", cpu_threads=args.threads))
