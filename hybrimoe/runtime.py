@@ -339,6 +339,9 @@ class HybridRuntime:
         i = self.index[layer]
         st = self.stats[layer]
         st.steps += 1
+        if not self.gpu_enabled and not (self.config.record_decisions or self.record_routing
+                                         or self.config.record_timeline):
+            return self._begin_host_only(layer, i, st, x, ids, w, extra, t_start)
         T_, H = x.shape
         # Routing to the host in ONE device->host copy (each is a sync on CUDA): ids (exact in
         # float32 below 2^24), weights, the full scores when MRS or the trace recorder reads them,
@@ -435,6 +438,41 @@ class HybridRuntime:
         st.prefetch_s += time.perf_counter() - t_gpu1
         return _Pending(layer, i, x, fut, y, p, t_start, t_cpu0, t_gpu0, t_gpu1)
 
+    def _begin_host_only(self, layer, i, st, x, ids, w, extra, t_start) -> "_Pending":
+        """moe_begin on a host with no GPU side, nothing recorded: every expert runs on the CPU and
+        the cache has no slots (capacity 0), so observe / access / plan / admit decide nothing; only
+        the job is built. Stats as the full path counts them (every activated expert a miss on the CPU)."""
+        T_ = x.shape[0]
+        ids_np = ids.detach().to("cpu", torch.int64).numpy()
+        w_np = w.detach().to("cpu", torch.float32).numpy()
+        t_routed = time.perf_counter()
+        st.sync_s += t_routed - t_start
+        counts = np.bincount(ids_np.ravel(), minlength=self.n_experts)
+        experts = np.flatnonzero(counts)
+        counts = counts[experts]
+        pairs = _PairIndex(ids_np, w_np, experts, counts)
+        toks, wts, ws_cpu = [], [], []
+        # the job sums experts in its list order: the plan's (tokens descending, then id), so the
+        # output is bit-identical to the full path's
+        for e in experts[np.lexsort((experts, -counts))].tolist():
+            tok, wt = pairs.of(e)
+            toks.append(tok)
+            wts.append(wt)
+            ws_cpu.append(self.cpu_side.host_weights(layer, e))
+        st.misses += len(experts)
+        st.on_cpu += len(experts)
+        st.tokens_cpu += int(counts.sum())
+        if extra is not None:
+            ws_cpu.append(extra[0])
+            toks.append(np.arange(T_, dtype=np.int64))
+            wts.append(np.ascontiguousarray(extra[1], dtype=np.float32).reshape(T_))
+        x_host = x.detach().to("cpu", torch.float32).contiguous()
+        t_cpu0 = time.perf_counter()
+        st.plan_s += t_cpu0 - t_routed
+        fut = self.cpu_side.submit(x_host, ws_cpu, toks, wts)
+        t_gpu = time.perf_counter()
+        return _Pending(layer, i, x, fut, None, None, t_start, t_cpu0, t_gpu, t_gpu)
+
     def moe_end(self, pend: "_Pending") -> torch.Tensor:
         """Second half of `moe`: wait for the CPU part and add it to the GPU part."""
         layer, i, x, p, y = pend.layer, pend.i, pend.x, pend.plan, pend.y
@@ -453,9 +491,10 @@ class HybridRuntime:
             y = y_cpu if y_cpu is not None else torch.zeros(T_, H, dtype=torch.float32, device=x.device)
         elif y_cpu is not None:
             y = y + y_cpu
-        release(self.cache, i)
+        if p is not None:  # the host-only path pinned nothing
+            release(self.cache, i)
         st.total_s += time.perf_counter() - t_start
-        if self.config.record_timeline:
+        if self.config.record_timeline and p is not None:
             self.timeline.append({"step": self.step, "layer": layer, "t0": t_start, "cpu": (t_cpu0, t_cpu1),
                                   "gpu": (t_gpu0, t_gpu1), "plan": p, "loads": len(p.loads)})
         self._unfinished = None

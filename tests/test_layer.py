@@ -13,6 +13,7 @@ from hybrimoe.errors import HybrimoeError
 from hybrimoe.layer import HybridMoELayer, HybridRuntime, RuntimeConfig
 from hybrimoe.reference import RoutingConfig, expert_ffn, moe_forward
 from hybrimoe.scheduler import MODES
+from hybrimoe.stats import layer_stats
 from hybrimoe.store import ExpertStore
 
 # fp32 reference vs kernels that quantize activations to 8 bits (CPU tiers) or not (reference
@@ -130,6 +131,40 @@ def test_cpu_only_machine_runs_everything_on_cpu(tiny, tmp_path):
     layer = store.layers[0]
     assert _rel(layers[layer](x), _reference(m, store, layer, x)) < REL_TOL
     assert rt.summary()["experts_gpu"] == 0
+
+
+@pytest.mark.parametrize("T", [1, 5, 40])
+def test_host_only_fast_path_equals_the_full_decision_path(tmp_path, T):
+    """Without a GPU side, moe_begin skips observe / access / plan (the cache has no slots); with
+    decisions recorded it takes the full sequence. Both must give bit-identical outputs (same job
+    order: with 4 experts a token, float sums in another order differ) and the same counts."""
+    import dataclasses
+
+    from hybrimoe import synth
+    from hybrimoe.gguf_model import GGUFModel
+
+    m = GGUFModel(synth.write_gguf(dataclasses.replace(synth.PRESETS["tiny"], n_layers=2, top_k=4),
+                                   tmp_path / "top4.gguf"))
+    store = ExpertStore(m)
+    outs, stats = [], []
+    for record in (False, True):
+        rt = HybridRuntime(store, RuntimeConfig(device="cpu", emulate_gpu=False, cache_dir=str(tmp_path),
+                                                record_decisions=record))
+        layers = _layers(m, store, rt)
+        g = torch.Generator().manual_seed(T)
+        ys = []
+        for step in range(3):
+            for layer in store.layers:
+                ys.append(layers[layer](torch.randn(T, m.config.hidden, generator=g)))
+            rt.next_step()
+        assert (len(rt.decisions) > 0) == record
+        outs.append(ys)
+        stats.append({k: (v["misses"], v["on_cpu"], v["tokens_cpu"], v["hits"], v["steps"])
+                      for k, v in layer_stats(rt).items()})
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert stats[0] == stats[1]
+    assert all(s[0] > 0 and s[3] == 0 for s in stats[0].values())
 
 
 def test_costs_option_takes_the_paper_testbed_or_a_file(tiny, tmp_path):

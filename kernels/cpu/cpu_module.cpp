@@ -535,6 +535,17 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("set_tier", &set_tier, py::arg("name"), "Force a tier; ValueError if this CPU cannot run it.");
     m.def("set_num_threads", &set_num_threads, py::arg("n"));
     m.def("num_threads", &num_threads);
+    m.def("_set_spin_us", [](int64_t us) {
+              py::gil_scoped_release nogil;
+              std::lock_guard<std::mutex> lk(ctx().run_mu_);
+              ctx().pool().set_spin_us(us);
+          },
+          py::arg("us"), "How long idle pool workers spin before sleeping (measurement; HYBRIMOE_SPIN_US sets it at start).");
+    m.def("_spin_us", [] {
+        py::gil_scoped_release nogil;
+        std::lock_guard<std::mutex> lk(ctx().run_mu_);
+        return ctx().pool().spin_us();
+    });
     m.def("physical_cores", &physical_cores);
     m.def("cpu_features", [] {
         py::dict d;

@@ -1,5 +1,7 @@
 #include "pool.h"
 
+#include <chrono>
+#include <cstdlib>
 #include <fstream>
 #include <set>
 #include <string>
@@ -18,11 +20,26 @@
 namespace hybrimoe {
 namespace cpu {
 
-// Workers spin this many pause-iterations (~0.1-0.3 ms) for the next job before sleeping, so
-// back-to-back kernel calls (one per layer) do not pay a futex wake-up each.
-constexpr int SPIN_ITERS = 20000;
+// Workers spin this long for the next job before sleeping on the condition variable. Between two
+// kernel calls of a decode step the calling thread runs the model's torch work (norms, rope,
+// attention: 0.1-1.5 ms a layer); a worker that fell asleep meanwhile costs the next call a futex
+// wake-up, 50-60 us in a KVM guest (measured, 2-core Zen 3: a 0.66 MB Q4_K GEMV at 2 threads took
+// 35 us back to back, 43 us after a 0.2 ms gap and 90 us after a 1 ms gap with the old ~0.1-0.3 ms
+// spin). HYBRIMOE_SPIN_US overrides it (0: sleep at once, for a machine shared with other work).
+constexpr int64_t DEFAULT_SPIN_US = 3000;
+// Callers spin this many pause-iterations on the join before yielding.
+constexpr int JOIN_SPIN_ITERS = 20000;
 
-ThreadPool::ThreadPool(int n_threads) : n_(n_threads < 1 ? 1 : n_threads) {
+static int64_t spin_us_from_env() {
+    const char* e = std::getenv("HYBRIMOE_SPIN_US");
+    if (!e || !*e) return DEFAULT_SPIN_US;
+    char* end = nullptr;
+    const long long v = std::strtoll(e, &end, 10);
+    if (end == e || *end || v < 0) return DEFAULT_SPIN_US;  // malformed: the default, never a crash
+    return v > 1000000 ? 1000000 : (int64_t)v;
+}
+
+ThreadPool::ThreadPool(int n_threads) : n_(n_threads < 1 ? 1 : n_threads), spin_us_(spin_us_from_env()) {
     for (int i = 1; i < n_; ++i) threads_.emplace_back([this, i] { worker(i); });
 }
 
@@ -57,9 +74,14 @@ void ThreadPool::worker(int id) {
     uint64_t seen = 0;
     for (;;) {
         uint64_t g = generation_.load(std::memory_order_acquire);
-        for (int s = 0; g == seen && s < SPIN_ITERS; ++s) {
-            HM_PAUSE();
-            g = generation_.load(std::memory_order_acquire);
+        const int64_t spin = spin_us();
+        if (g == seen && spin > 0) {
+            const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin);
+            for (int s = 1; g == seen; ++s) {
+                HM_PAUSE();
+                g = generation_.load(std::memory_order_acquire);
+                if ((s & 255) == 0 && std::chrono::steady_clock::now() >= until) break;
+            }
         }
         std::shared_ptr<Job> j;
         {
@@ -89,7 +111,7 @@ void ThreadPool::parallel_for(int n_tasks, const std::function<void(int, int)>& 
     }
     run_tasks(*j, 0);
     for (int s = 0; j->done.load(std::memory_order_acquire) != n_tasks; ++s) {
-        if (s < SPIN_ITERS) HM_PAUSE();
+        if (s < JOIN_SPIN_ITERS) HM_PAUSE();
         else std::this_thread::yield();
     }
     {

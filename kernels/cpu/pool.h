@@ -24,6 +24,8 @@ class ThreadPool {
     ThreadPool& operator=(const ThreadPool&) = delete;
 
     int size() const { return n_; }
+    int64_t spin_us() const { return spin_us_.load(std::memory_order_relaxed); }
+    void set_spin_us(int64_t us) { spin_us_.store(us < 0 ? 0 : us, std::memory_order_relaxed); }
     // fn(task, participant) for every task in [0, n_tasks); participant in [0, size()) indexes
     // per-thread scratch. Blocks until all tasks are done; rethrows the first exception a task threw.
     void parallel_for(int n_tasks, const std::function<void(int, int)>& fn);
@@ -45,6 +47,7 @@ class ThreadPool {
     static void run_tasks(Job& j, int id);
 
     int n_;
+    std::atomic<int64_t> spin_us_;  // how long an idle worker spins before sleeping (HYBRIMOE_SPIN_US)
     std::vector<std::thread> threads_;
     std::mutex call_mu_;  // one parallel_for at a time
 
