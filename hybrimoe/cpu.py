@@ -384,3 +384,68 @@ def moe_ffn_ref(x, experts, token_ids, weights) -> "torch.Tensor":
         wt = torch.as_tensor(np.asarray(w, dtype=np.float32))
         out.index_add_(0, tok, wt[:, None] * expert_ffn(xt[tok], *deq))
     return out
+
+
+# ------------------------------------------------------------- decode-step helpers (float32) ---
+
+
+def _f32_rows(t, name: str) -> None:
+    if not _is_torch(t) or t.dtype != torch.float32 or t.device.type != "cpu":
+        raise KernelInputError(_fmt(name, "must be a float32 CPU torch tensor", "float32 on cpu",
+                                    f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '?')}"))
+    if t.numel() and t.stride(-1) != 1:
+        raise KernelInputError(_fmt(name, "needs a contiguous last dimension", "stride 1", t.stride(-1)))
+
+
+def attend_one(query, key, value, scale: float, mask=None):
+    """One-token attention on the pool, reading K/V where they lie (any strides but the last):
+
+        query (B, H, 1, dk), key (B, Hkv, S, dk), value (B, Hkv, S, dv): float32 CPU tensors
+        mask: None or additive float32 (B, 1 | H, 1, S) (-inf where masked)
+        -> (B, H, 1, dv) float32 = softmax(scale * q k^T + mask) v, grouped heads (H % Hkv == 0)
+           read without repeating K/V; a query whose every score is masked gives zeros.
+
+    The float32 twin is torch's matmul -> softmax -> matmul (tests/test_cpu_attention.py)."""
+    for t, n in ((query, "query"), (key, "key"), (value, "value")):
+        _f32_rows(t, n)
+        if t.dim() != 4:
+            raise KernelInputError(_fmt(n, "must be 4-D", "(B, heads, S, d)", tuple(t.shape)))
+    B, H, q1, dk = query.shape
+    _, Hkv, S, dk2 = key.shape
+    dv = value.shape[3]
+    if q1 != 1:
+        raise KernelInputError(_fmt("query", "must hold one position", 1, q1))
+    if key.shape[0] != B or dk2 != dk or H % max(Hkv, 1) or Hkv < 1 or S < 1:
+        raise KernelInputError(_fmt("key", "does not fit the query", f"({B}, a divisor of {H}, S >= 1, {dk})",
+                                    tuple(key.shape)))
+    if tuple(value.shape[:3]) != (B, Hkv, S):
+        raise KernelInputError(_fmt("value", "does not fit the key", (B, Hkv, S, "dv"), tuple(value.shape)))
+    mp, mb, mh = 0, 0, 0
+    if mask is not None:
+        _f32_rows(mask, "mask")
+        if mask.dim() != 4 or mask.shape[0] != B or mask.shape[1] not in (1, H) or mask.shape[2] != 1 \
+                or mask.shape[3] != S:
+            raise KernelInputError(_fmt("mask", "has the wrong shape", f"({B}, 1 or {H}, 1, {S})", tuple(mask.shape)))
+        mp, mb, mh = mask.data_ptr(), mask.stride(0), (mask.stride(1) if mask.shape[1] == H else 0)
+    out = torch.empty(B, H, 1, dv, dtype=torch.float32)
+    _ext().attend_one(query.data_ptr(), query.stride(0), query.stride(1),
+                      key.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
+                      value.data_ptr(), value.stride(0), value.stride(1), value.stride(2),
+                      mp, mb, mh, B, H, Hkv, S, dk, dv, float(scale), out.data_ptr())
+    return out
+
+
+def rms_norm(x, weight, eps: float):
+    """x (..., n) float32 CPU tensor, weight (n,) float32 -> x * rsqrt(mean(x^2, -1) + eps) * weight,
+    as transformers' RMSNorm modules compute a float32 input (float32 throughout; the mean's
+    summation order differs from torch's, within float32 rounding)."""
+    _f32_rows(x, "x")
+    _f32_rows(weight, "weight")
+    n = x.shape[-1]
+    if weight.dim() != 1 or weight.shape[0] != n:
+        raise KernelInputError(_fmt("weight", "must be (n,) for x's last dimension", (n,), tuple(weight.shape)))
+    xc = x.contiguous()
+    y = torch.empty_like(xc)
+    _ext().rms_norm(xc.data_ptr(), weight.contiguous().data_ptr(), xc.numel() // n if n else 0, n, float(eps),
+                    y.data_ptr())
+    return y

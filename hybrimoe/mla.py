@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import cpu as _cpu
+
 
 class _ExpandKVMemo:
     """expand_kv(kv_nope (B, 1, S, R), k_rot (B, 1, S, r)) -> (keys (B, H, S, dk), values (B, H, S, dv)),
@@ -51,9 +53,27 @@ class _ExpandKVMemo:
         if kv_nope.shape[0] != lat.shape[0] or kv_nope.dtype != lat.dtype or kv_nope.device != lat.device:
             return 0
         m = min(self.n, kv_nope.shape[2])
-        if torch.equal(kv_nope[:, 0, :m], lat[:, :m]) and torch.equal(k_rot[:, 0, :m], rot[:, :m]):
+        if _same(kv_nope[:, 0, :m], lat[:, :m]) and _same(k_rot[:, 0, :m], rot[:, :m]):
             return m
         return 0
+
+    def _expand_one(self, kv_nope: torch.Tensor, k_rot: torch.Tensor, n: int) -> bool:
+        """Position n alone into the buffers, with DeepseekV2Attention.expand_kv's own arithmetic (the
+        same kv_b_proj call on the same row, the rope key copied to every head) in three copies
+        instead of its dozen ops. False where the module is not that class (the generic path runs)."""
+        mod = getattr(self.expand, "__self__", None)
+        if type(mod).__name__ not in _EXPAND_ONE_CLASSES:
+            return False
+        dn, dv = mod.qk_nope_head_dim, mod.v_head_dim
+        lat, rot, keys, vals = self.bufs
+        kv = mod.kv_b_proj(kv_nope[:, :, n])  # (B, 1, H * (dn + dv))
+        kv = kv.view(kv.shape[0], -1, dn + dv)  # (B, H, dn + dv)
+        keys[:, n, :, :dn] = kv[..., :dn]
+        keys[:, n, :, dn:] = k_rot[:, :, n]  # (B, 1, r): the shared rope key, every head
+        vals[:, n] = kv[..., dn:]
+        lat[:, n] = kv_nope[:, 0, n]
+        rot[:, n] = k_rot[:, 0, n]
+        return True
 
     def __call__(self, kv_nope: torch.Tensor, k_rot: torch.Tensor):
         if kv_nope.shape[1] != 1 or k_rot.shape[1] != 1:  # not the single-head latent layout it knows
@@ -63,7 +83,9 @@ class _ExpandKVMemo:
         if n == 0:
             self.reset()
         self.n = n
-        if S > n:
+        if S == n + 1 and self.bufs is not None and self.bufs[0].shape[1] > n and self._expand_one(kv_nope, k_rot, n):
+            self.n = S
+        elif S > n:
             k_new, v_new = self.expand(kv_nope[:, :, n:], k_rot[:, :, n:])  # (B, H, S - n, d)
             new = (kv_nope[:, 0, n:], k_rot[:, 0, n:], k_new.transpose(1, 2), v_new.transpose(1, 2))
             if self.bufs is None or self.bufs[0].shape[1] < S:  # grow (x2): amortised O(1) per position
@@ -78,6 +100,22 @@ class _ExpandKVMemo:
             self.n = S
         # views (B, H, S, d), like expand_kv's own (non-contiguous) value states
         return self.bufs[2][:, :S].transpose(1, 2), self.bufs[3][:, :S].transpose(1, 2)
+
+
+# expand_kv implementations whose arithmetic _ExpandKVMemo._expand_one repeats (read before adding one)
+_EXPAND_ONE_CLASSES = frozenset({"DeepseekV2Attention"})
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b hold the same bytes (so their expansions are the same): one memcmp where both are
+    contiguous CPU tensors of one dtype and the extension is built, else torch.equal (which also
+    calls -0.0 and 0.0 equal: either way an equal answer means an equal expansion)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if (a.device.type == "cpu" and b.device.type == "cpu" and a.is_contiguous() and b.is_contiguous()
+            and _cpu.available()):
+        return bool(_cpu._ext().same_bytes(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()))
+    return torch.equal(a, b)
 
 
 def memoize_expand_kv(model: nn.Module) -> int:
@@ -100,4 +138,58 @@ def unmemoize_expand_kv(model: nn.Module) -> int:
         if isinstance(mod.__dict__.get("expand_kv"), _ExpandKVMemo):
             del mod.expand_kv
             n += 1
+    return n
+
+
+# --------------------------------------------------------------- one-token decode forward ---
+
+def _decode_forward(mod: nn.Module, own):
+    """DeepseekV2Attention.forward for one token on the CPU in float32, with fewer ops: the same
+    projections (q_proj, kv_a_proj_with_mqa, kv_b_proj via the memo, o_proj), then rope + latent
+    RMSNorm in one native call, the transformers cache update, the kept expansion, and one native
+    attention call reading the kept keys/values where they lie (hybrimoe.cpu.attend_one). Any other
+    call (prefill, a mask, bf16, a GPU, q_lora, no cache) runs the module's own forward."""
+
+    def forward(hidden_states, attention_mask=None, past_key_values=None, position_embeddings=None, **kwargs):
+        memo = mod.__dict__.get("expand_kv")
+        norm = mod.kv_a_layernorm
+        if (hidden_states.shape[:2] != (1, 1) or attention_mask is not None or past_key_values is None
+                or mod.q_lora_rank is not None or mod.training or hidden_states.dtype != torch.float32
+                or hidden_states.device.type != "cpu" or not isinstance(memo, _ExpandKVMemo)
+                or position_embeddings is None or not torch.is_complex(position_embeddings)
+                or position_embeddings.numel() * 2 != mod.qk_rope_head_dim
+                or norm.weight.dtype != torch.float32 or not _cpu.available()):
+            return own(hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
+                       position_embeddings=position_embeddings, **kwargs)
+        H, dq, r, R = mod.num_heads, mod.qk_head_dim, mod.qk_rope_head_dim, mod.kv_lora_rank
+        q = mod.q_proj(hidden_states).contiguous()  # (1, 1, H * dq)
+        ckv = mod.kv_a_proj_with_mqa(hidden_states).contiguous()  # (1, 1, R + r)
+        if q.dtype != torch.float32 or ckv.dtype != torch.float32:
+            return own(hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
+                       position_embeddings=position_embeddings, **kwargs)
+        f = torch.view_as_real(position_embeddings.to(torch.complex64)).contiguous()  # (re, im) pairs
+        _cpu._ext().mla_rope_norm(q.data_ptr(), H, dq, r, ckv.data_ptr(), R, norm.weight.contiguous().data_ptr(),
+                                  float(norm.variance_epsilon), f.data_ptr())
+        k_nope, k_pe = past_key_values.update(ckv[..., :R].view(1, 1, 1, R), ckv[..., R:].view(1, 1, 1, r),
+                                              mod.layer_idx)
+        keys, values = memo(k_nope, k_pe)
+        out = _cpu.attend_one(q.view(1, 1, H, dq).transpose(1, 2), keys, values, mod.scaling)
+        return mod.o_proj(out.reshape(1, 1, H * mod.v_head_dim)), None
+
+    forward.hybrimoe_mla_decode = True
+    return forward
+
+
+def use_mla_decode(model: nn.Module) -> int:
+    """Give every DeepSeek-V2 attention whose expand_kv is memoised (memoize_expand_kv) the one-token
+    CPU decode forward above; returns how many. Idempotent."""
+    n = 0
+    for mod in model.modules():
+        if type(mod).__name__ not in _EXPAND_ONE_CLASSES or not isinstance(mod.__dict__.get("expand_kv"),
+                                                                            _ExpandKVMemo):
+            continue
+        if getattr(mod.forward, "hybrimoe_mla_decode", False):
+            continue
+        mod.forward = _decode_forward(mod, mod.forward)
+        n += 1
     return n

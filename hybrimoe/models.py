@@ -51,8 +51,9 @@ from . import formats
 from .errors import ModelConfigError, QuantShapeError
 from .gguf_model import GGUFModel, MoEConfig
 from .cpu_attention import use_cpu_decode_attention
+from .cpu_step import use_native_rms_norm
 from .layout import ExpertLayout
-from .mla import memoize_expand_kv
+from .mla import memoize_expand_kv, use_mla_decode
 from .qlinear import QuantEmbedding, QuantLinear
 from .reference import RoutingConfig, moe_forward
 from .store import ExpertStore
@@ -713,10 +714,14 @@ def patch(model: nn.Module, quantize: str | None = "q4_k", gguf=None, moe_factor
 
 
 def _cpu_speedups(model: nn.Module) -> None:
-    """On a CPU model: keep DeepSeek-V2's latent-cache expansion (hybrimoe.mla) and run one-token
-    attention as matmuls (hybrimoe.cpu_attention). Both exact; both skipped for a GPU model."""
+    """On a CPU model: keep DeepSeek-V2's latent-cache expansion (hybrimoe.mla), run one-token
+    attention in one native call (hybrimoe.cpu_attention), RMSNorm natively (hybrimoe.cpu_step) and
+    DeepSeek-V2's one-token attention step with fewer ops (hybrimoe.mla.use_mla_decode).
+    Float32 throughout, within float32 rounding of transformers' ops; all skipped for a GPU model."""
     p = next(model.parameters(), None)
     if p is None or p.device.type != "cpu":
         return
     memoize_expand_kv(model)
     use_cpu_decode_attention(model)
+    use_native_rms_norm(model)
+    use_mla_decode(model)

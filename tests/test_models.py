@@ -543,6 +543,39 @@ def test_mla_expand_kv_memo_is_exact_and_expands_only_new_positions(paths):
     hook.remove()
 
 
+def test_cpu_decode_step_equals_transformers_own_path(paths, monkeypatch):
+    """The CPU model's decode step (native RMSNorm, the MLA one-token forward: native rope + latent
+    norm, kept expansion, native attention) gives transformers' own logits (SDPA, no memo, its own
+    norms) within float32 rounding, batch 1 greedy, and it is the path that ran."""
+    from hybrimoe import cpu_step
+    from hybrimoe.mla import unmemoize_expand_kv
+
+    model, _, _ = load_gguf_model(paths["tiny"], progress=False)
+    plain, _, _ = load_gguf_model(paths["tiny"], progress=False)
+    unmemoize_expand_kv(plain)
+    plain.set_attn_implementation("sdpa")
+    for m in plain.modules():
+        m.__dict__.pop("forward", None)  # the classes' own forwards again
+    attns = [m for m in model.modules() if getattr(m.forward, "hybrimoe_mla_decode", False)]
+    assert len(attns) == model.config.num_hidden_layers
+    assert any(type(m).__name__ in cpu_step.RMS_NORM_CLASSES and getattr(m.forward, "hybrimoe_native", False)
+               for m in model.modules())
+    from hybrimoe import cpu
+
+    ext, calls = cpu._ext(), []
+    native = ext.mla_rope_norm
+    monkeypatch.setattr(ext, "mla_rope_norm", lambda *a: (calls.append(1), native(*a))[1])
+    ids = _prompt(model.config.vocab_size, 5)[:1]
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, return_dict_in_generate=True,
+              output_logits=True, pad_token_id=model.config.eos_token_id)
+    a = model.generate(ids, **kw)
+    assert len(calls) == 11 * len(attns)  # every decode step (not the prefill) took the one-token forward
+    b = plain.generate(ids, **kw)
+    assert len(calls) == 11 * len(attns)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
+
+
 @pytest.mark.parametrize("dense", ["dequant", "quant"])
 def test_kv_b_with_its_split_copies_loads_either_way(paths, dense, cpu_tier):
     """Some llama.cpp versions write attn_kv_b and its split attn_k_b / attn_v_b: the split copies

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -23,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include "attention.h"
 #include "blocks.h"
 #include "cpu_kernels.h"
 #include "job.h"
@@ -599,6 +601,55 @@ PYBIND11_MODULE(_cpu, m) {
         },
         py::arg("x"), py::arg("bf16"), py::arg("T"), py::arg("H"), py::arg("out"), py::arg("desc"), py::arg("keep"),
         "Queue moe_ffn on the pool's driver thread; returns a Handle at once. `keep` is returned by wait().");
+
+    m.def(
+        "attend_one",
+        [](uint64_t q, int64_t qb, int64_t qh, uint64_t k, int64_t kb, int64_t kh, int64_t ks, uint64_t v, int64_t vb,
+           int64_t vh, int64_t vs, uint64_t mask, int64_t mb, int64_t mh, int B, int H, int Hkv, int S, int dk, int dv,
+           float scale, uint64_t out) {
+            // Shapes, strides and dtypes are checked by hybrimoe.cpu.attend_one; here only what would
+            // index out of the arrays if that check were skipped.
+            if (B < 1 || H < 1 || Hkv < 1 || H % Hkv || S < 1 || dk < 1 || dv < 1)
+                throw std::invalid_argument("attend_one: bad sizes B=" + std::to_string(B) + " H=" + std::to_string(H) +
+                                            " Hkv=" + std::to_string(Hkv) + " S=" + std::to_string(S));
+            AttendArgs a{ptr_of<const float>(q), qb, qh, ptr_of<const float>(k), kb, kh, ks, ptr_of<const float>(v),
+                         vb, vh, vs, ptr_of<const float>(mask), mb, mh, B, H, Hkv, S, dk, dv, scale, ptr_of<float>(out),
+                         false};
+            // the AVX2 inner loops wherever the generic or avx512 tier runs them (not under ref, nor
+            // under the generic tier's portable-code testing aid)
+            a.avx2 = features().avx2 && !g_generic_scalar && current_tier() != "ref";
+            py::gil_scoped_release nogil;
+            std::lock_guard<std::mutex> lk(ctx().run_mu_);
+            attend_one(ctx().pool(), a);
+        },
+        "One-token attention over strided float32 K/V (see kernels/cpu/attention.h); use hybrimoe.cpu.attend_one.");
+
+    m.def(
+        "rms_norm",
+        [](uint64_t x, uint64_t w, int R, int n, float eps, uint64_t y) {
+            if (R < 0 || n < 1) throw std::invalid_argument("rms_norm: bad sizes R=" + std::to_string(R) + " n=" + std::to_string(n));
+            rms_norm_rows(ptr_of<const float>(x), ptr_of<const float>(w), R, n, eps, ptr_of<float>(y));
+        },
+        "RMSNorm of R contiguous float32 rows of n (see kernels/cpu/attention.h); use hybrimoe.cpu.rms_norm.");
+
+    m.def(
+        "mla_rope_norm",
+        [](uint64_t q, int H, int dq, int rope, uint64_t ckv, int lora, uint64_t w, float eps, uint64_t freqs) {
+            if (H < 1 || rope < 2 || rope % 2 || dq < rope || lora < 1)
+                throw std::invalid_argument("mla_rope_norm: bad sizes H=" + std::to_string(H) + " dq=" + std::to_string(dq) +
+                                            " rope=" + std::to_string(rope) + " lora=" + std::to_string(lora));
+            mla_rope_norm(ptr_of<float>(q), H, dq, rope, ptr_of<float>(ckv), lora, ptr_of<const float>(w), eps,
+                          ptr_of<const float>(freqs));
+        },
+        "DeepSeek-V2 one-token rope + latent RMSNorm in place (see kernels/cpu/attention.h); use hybrimoe.mla_decode.");
+
+    m.def(
+        "same_bytes",
+        [](uint64_t a, uint64_t b, uint64_t n) {
+            py::gil_scoped_release nogil;
+            return std::memcmp(ptr_of<const void>(a), ptr_of<const void>(b), (size_t)n) == 0;
+        },
+        "memcmp(a, b, n) == 0 (the MLA memo's prefix check).");
 
     m.def(
         "job_expert_layout",
