@@ -257,8 +257,8 @@ class NativeCache:
             self._g.unpin_some(int(layer), [int(e) for e in experts])
 
     def stats(self) -> dict:
-        # declined / fills: what the admission policies count; always 0 for the engine's policies
-        return {**dict(self._g.stats()), "declined": 0, "fills": 0}
+        # declined / fills / placed: what the admission policies count; always 0 for the engine's policies
+        return {**dict(self._g.stats()), "declined": 0, "fills": 0, "placed": 0}
 
     @property
     def scores(self) -> np.ndarray:

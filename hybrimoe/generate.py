@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpu-budget", type=_parse_bytes, default=None, help="GPU bytes for experts, shared by layers")
     p.add_argument("--prefetch-size", type=int, default=0, help="experts prefetched per layer (0 = off)")
     p.add_argument("--policy", choices=RUNTIME_POLICIES, default="mrs",
-                   help="expert cache policy (bypass: admission by windowed frequency, fills in idle link time)")
+                   help="expert cache policy (bypass: admission by windowed frequency, fills in idle link time; "
+                        "profiled: bypass seeded by the prompt's routing, experts placed between prefill and decode)")
     p.add_argument("--schedule", choices=("hybrid", "kt-static", "gpu-only", "cpu-only", "seed"), default="hybrid")
     p.add_argument("--cpu-threads", type=int, default=None, help="CPU kernel threads, 0..1024 (default or 0: physical "
                    "cores; one less with CUDA, where the Python thread drives the GPU)")
@@ -233,6 +234,8 @@ def generate_ids(model, input_ids, max_new_tokens, runtime=None, eos_id=None, te
     out = model(input_ids=input_ids[:, start:], past_key_values=past, use_cache=True)
     past = out.past_key_values
     logits = out.logits[:, -1].float()
+    if getattr(runtime, "begin_decode", None) is not None:  # the prompt is in: policy profiled places
+        runtime.begin_decode(max(0, max_new_tokens - 1))      # from its routing (a chat: every turn)
     _sync_cuda()  # the prefill's queued kernels belong to the prefill time, not the decode's
     t1 = time.perf_counter()
     new = []

@@ -39,7 +39,7 @@ from .prefetch import Prediction, Prefetcher, idle_budget
 from .reference import RoutingConfig
 from .stats import LayerStats
 from .scheduler import MODES
-from .step import FillSpan, decide, fill, release
+from .step import FillSpan, decide, fill, place, release
 from .step import prefetch as prefetch_step
 from .transfer import TransferEngine
 
@@ -52,7 +52,10 @@ ENGINES = ("auto", "native", "python")
 class RuntimeConfig:
     """cache_size: GPU-resident experts per MoE layer; or gpu_budget: bytes shared by all layers.
     policy: mrs | lru | lfu | static | bypass (admission by windowed frequency, with fills in idle
-    link time; hybrimoe.cache) — 'min' needs the future and runs in the simulator only.
+    link time; hybrimoe.cache) | profiled (bypass with the prompt's routing as its prior and a
+    placement between prefill and decode: `new_sequence` opens the profile, `begin_decode`
+    places; profile_tokens: the decode length a placement expects when `begin_decode` is not
+    told) — 'min' needs the future and runs in the simulator only.
     schedule: hybrid | kt-static | gpu-only | cpu-only | seed.
     prefetch_size: experts prefetched per layer (0 = off); horizon: layers looked ahead.
     cpu_threads: CPU expert-kernel threads (default: the physical cores, less one on CUDA, where
@@ -91,6 +94,7 @@ class RuntimeConfig:
     record_routing: bool = False
     record_decisions: bool = False
     engine: str = "auto"
+    profile_tokens: int = 128
 
     def gpu_side(self, device: torch.device) -> str:
         """The GPU side this configuration asks for on `device` (see the class docstring)."""
@@ -275,13 +279,39 @@ class HybridRuntime:
                             "prompt and runtime.next_step() before each decoded token")
 
     def new_sequence(self) -> None:
-        """A new prompt: the next layer calls belong to its prefill (step 0)."""
+        """A new prompt (or a chat's next turn): the next layer calls belong to its prefill (step 0).
+        Policy profiled: opens a new profile of the prompt's routing (see `begin_decode`)."""
         self._step = 0
+        if self.cache.policy == "profiled":
+            self.cache.begin_profile()
 
     def next_step(self) -> int:
-        """The next layer calls belong to the next decoded token; returns its step number."""
+        """The next layer calls belong to the next decoded token; returns its step number. The
+        first one after a prompt runs `begin_decode()` when the caller has not."""
+        if getattr(self.cache, "profiling", False):
+            self.begin_decode()
         self._step += 1
         return self._step
+
+    def begin_decode(self, decode_tokens: int | None = None) -> list:
+        """The prompt's prefill is done and about `decode_tokens` decoded tokens follow (default
+        `RuntimeConfig.profile_tokens`). Policy profiled: close the prompt's profile and move the
+        experts in that pay for their copy over that decode (hybrimoe.step.place, the simulator's
+        rule); the copies go as prefetch-class transfers that demand loads overtake. Returns the
+        PlaceDecisions (none for other policies, or when no profile is open)."""
+        if not getattr(self.cache, "profiling", False):
+            return []
+        n = self.config.profile_tokens if decode_tokens is None else decode_tokens
+        if n < 0:
+            raise HybrimoeError(f"begin_decode: decode_tokens must be >= 0, found {n}")
+        moves = place(self.cache, self.costs, n, self.schedule)
+        for mv in moves:
+            if self.config.record_decisions:
+                self.decisions.append((self.step, mv))
+            layer = self.moe_layers[mv.layer]
+            self.transfers.load(self._pool(mv.layer), mv.slot, self._span(layer, mv.expert), prefetch=True)
+            self.stats[layer].placed += 1
+        return moves
 
     def close(self) -> None:
         """Finish the copies in flight and drop queued prefetches; call before dropping a runtime
