@@ -418,6 +418,27 @@ class ExpertCache:
             return min(cands, key=lambda k: (self.freq[k], self._last[k]))
         return min(cands, key=lambda k: (self.scores[k], self._last[k]))  # mrs
 
+    def victims(self, layer: int, protect: Iterable[int] = (), n: int = 1) -> list:
+        """The next `n` keys prefetches into `layer`'s pool would take, in order, without changing
+        anything: None for each free slot, then the policy's victims (never pinned, protected
+        (experts of `layer`) or guarded ones); shorter when nothing more may go."""
+        pool = self._pool(layer)
+        out: list = [None] * min(n, len(self._free[pool]))
+        if self._hot is not None:
+            return []
+        prot = {(layer, int(e)) for e in protect}
+        while len(out) < n:
+            v = self._victim(pool, prot, demand=False)
+            if v is None:
+                break
+            out.append(v)
+            prot.add(v)
+        return out
+
+    def use_rate(self, layer: int, expert: int) -> float:
+        """Fraction of its layer's steps so far that used the expert (accesses / steps)."""
+        return float(self.freq[layer, expert]) / max(1, int(self._seen[layer]))
+
     def reuse_score(self, layer: int, expert: int) -> float:
         """Predicted reuse the admission policies compare (higher = keep): bypass: windowed
         frequency F; min: minus the step of the next use; others: 0."""

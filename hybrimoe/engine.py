@@ -167,7 +167,8 @@ class NativeCache:
             d = tl - layer
             if not 1 <= d <= pf.horizon:
                 continue
-            pf._last_pred[(tl, d)] = set(e)
+            pf._last_pred[(tl, d)] = dict(zip(e, p.prob.tolist() if isinstance(p.prob, np.ndarray)
+                                              else [float(x) for x in p.prob]))
             if idle_before.get(tl, 0.0) < pf.costs.transfer_time(tl):
                 continue  # no prefetch for it fits in the link's idle time (the engine would skip it too)
             tl_list.append(int(tl))

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "every expert is copied in when the GPU runs it)")
     g.add_argument("--gpu-budget", type=_parse_bytes, default=None, help="GPU bytes for experts, shared by layers")
     p.add_argument("--prefetch-size", type=int, default=0, help="experts prefetched per layer (0 = off)")
+    p.add_argument("--prefetch-mode", choices=("impact", "pays"), default="impact",
+                   help="impact: any positive predicted gain that fits the link's idle time; pays: only where the "
+                        "gain (prediction hit rate measured per layer) beats the copy's cost (Python decisions)")
     p.add_argument("--policy", choices=RUNTIME_POLICIES, default="mrs",
                    help="expert cache policy (bypass: admission by windowed frequency, fills in idle link time; "
                         "profiled: bypass seeded by the prompt's routing, experts placed between prefill and decode)")
@@ -142,6 +145,7 @@ def load(args):
     store = ExpertStore(gm)
     cfg = RuntimeConfig(cache_size=args.cache_size, gpu_budget=args.gpu_budget, policy=args.policy,
                         schedule=args.schedule, prefetch_size=args.prefetch_size, device=str(device),
+                        prefetch_mode=args.prefetch_mode,
                         emulate_gpu=args.emulate_gpu, cpu_threads=args.cpu_threads, costs=args.costs,
                         record_timeline=bool(args.timeline or args.plot), record_routing=bool(args.trace_out),
                         engine=args.engine, static_counts=None)

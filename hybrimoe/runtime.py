@@ -35,7 +35,7 @@ from .costs import CostModel
 from .errors import HybrimoeError
 from .executors import CpuSide, gpu_executor
 from .lookahead import LookAhead
-from .prefetch import Prediction, Prefetcher, idle_budget
+from .prefetch import PREFETCH_MODES, Prediction, Prefetcher, idle_budget
 from .reference import RoutingConfig
 from .stats import LayerStats
 from .scheduler import MODES
@@ -57,7 +57,9 @@ class RuntimeConfig:
     places; profile_tokens: the decode length a placement expects when `begin_decode` is not
     told) — 'min' needs the future and runs in the simulator only.
     schedule: hybrid | kt-static | gpu-only | cpu-only | seed.
-    prefetch_size: experts prefetched per layer (0 = off); horizon: layers looked ahead.
+    prefetch_size: experts prefetched per layer (0 = off); horizon: layers looked ahead;
+    prefetch_mode: impact | pays (hybrimoe.prefetch: pays prefetches only where the gain, with the
+    per-layer measured look-ahead hit rate fed back, beats the copy's cost; Python decisions only).
     cpu_threads: CPU expert-kernel threads (default: the physical cores, less one on CUDA, where
     the Python thread drives the GPU meanwhile). device: 'cuda' / 'cpu' / None (CUDA when
     available). gpu: the GPU side (GPU_SIDES): "cuda" (the real one), "emulated" (on a host
@@ -95,6 +97,7 @@ class RuntimeConfig:
     record_decisions: bool = False
     engine: str = "auto"
     profile_tokens: int = 128
+    prefetch_mode: str = "impact"
 
     def gpu_side(self, device: torch.device) -> str:
         """The GPU side this configuration asks for on `device` (see the class docstring)."""
@@ -242,12 +245,18 @@ class HybridRuntime:
         if cfg.engine == "native" and cfg.policy not in native_engine.ENGINE_POLICIES:
             raise HybrimoeError(f"engine 'native' runs the cache policies {', '.join(native_engine.ENGINE_POLICIES)}, "
                                 f"not {cfg.policy!r}; use engine 'auto' or 'python' for it")
-        if (cfg.engine != "python" and native_engine.available()
-                and cfg.policy in native_engine.ENGINE_POLICIES):  # auto: bypass runs in Python
+        if cfg.prefetch_mode not in PREFETCH_MODES:
+            raise HybrimoeError(f"prefetch mode {cfg.prefetch_mode!r} (expected one of {', '.join(PREFETCH_MODES)})")
+        pays = cfg.prefetch_mode != "impact" and cfg.prefetch_size > 0
+        if cfg.engine == "native" and pays:
+            raise HybrimoeError(f"engine 'native' chooses prefetches in mode 'impact' only, not "
+                                f"{cfg.prefetch_mode!r}; use engine 'auto' or 'python' for it")
+        if (cfg.engine != "python" and native_engine.available() and not pays
+                and cfg.policy in native_engine.ENGINE_POLICIES):  # auto: bypass, profiled, pays run in Python
             self.cache = native_engine.NativeCache.from_cache(self.cache, self.costs)
         self.engine = "native" if getattr(self.cache, "native", False) else "python"
-        self.prefetcher = Prefetcher(self.costs, cfg.prefetch_size, cfg.horizon,
-                                     self.schedule) if cfg.prefetch_size > 0 and self.gpu_enabled else None
+        self.prefetcher = Prefetcher(self.costs, cfg.prefetch_size, cfg.horizon, self.schedule,
+                                     prefetch_mode=cfg.prefetch_mode) if cfg.prefetch_size > 0 and self.gpu_enabled else None
         self._fill_span = None  # FillSpan, on the first fill (admission policies)
         self.routers: dict[int, tuple[torch.Tensor, RoutingConfig]] = {}
         self.lookahead = LookAhead(self.routers, self.moe_layers, self.n_experts, self.top_k, mc.hidden,

@@ -48,7 +48,7 @@ import numpy as np
 
 from .cache import POLICIES, ExpertCache
 from .costs import CostModel, resolve
-from .prefetch import Prediction, Prefetcher, idle_budget
+from .prefetch import PREFETCH_MODES, Prediction, Prefetcher, idle_budget
 from .step import FillSpan, decide, fill, place, release
 from .step import prefetch as prefetch_step
 from .traces import DECODE, PREFILL, Trace, load_trace
@@ -468,9 +468,10 @@ def make_cache(trace: Trace, policy: str, capacity: int, static_counts=None, chu
 
 
 def run_one(trace, costs, policy, capacity, mode="hybrid", prefetch_size=0, predictor="learned", chunk=1,
-            horizon=3, pcie="whole", fill_span=None, decode_tokens=None, **cache_kw) -> SimResult:
+            horizon=3, pcie="whole", fill_span=None, decode_tokens=None, prefetch_mode="impact",
+            **cache_kw) -> SimResult:
     cache = make_cache(trace, policy, capacity, chunk=chunk, **cache_kw)
-    pf = Prefetcher(costs, prefetch_size, horizon, mode) if prefetch_size > 0 else None
+    pf = Prefetcher(costs, prefetch_size, horizon, mode, prefetch_mode=prefetch_mode) if prefetch_size > 0 else None
     pr = make_predictor(predictor, trace, horizon) if pf is not None else None
     return simulate(trace, cache, costs, mode, pf, pr, chunk=chunk, pcie=pcie, fill_span=fill_span,
                     decode_tokens=decode_tokens)
@@ -599,6 +600,9 @@ def main(argv=None) -> int:
     ap.add_argument("--schedule", default="hybrid", choices=("hybrid", "kt-static", "gpu-only", "cpu-only", "seed"))
     ap.add_argument("--prefetch-size", type=int, default=0, help="experts prefetched per layer, 0..E (0 = off)")
     ap.add_argument("--predictor", default="learned", help="oracle | learned | degraded:ACC")
+    ap.add_argument("--prefetch-mode", default="impact", choices=PREFETCH_MODES,
+                    help="impact: any positive gain that fits the idle window; pays: only where the gain (with "
+                         "the per-layer measured prediction hit rate) beats the copy's cost (hybrimoe.prefetch)")
     ap.add_argument("--costs", default="paper-a6000",
                     help="paper-a6000 (shape guessed from E), paper-a6000:mixtral, or a cost JSON")
     ap.add_argument("--pcie", default="whole", choices=PCIE_MODELS,
@@ -641,11 +645,12 @@ def main(argv=None) -> int:
                                                 "rows": rows, "schedules": cmp_rows}, indent=1))
         return 0
     cap = a.cache_size if a.cache_size is not None else max(tr.top_k, tr.n_experts // 4)
-    r = run_one(tr, costs, a.policy, cap, a.schedule, a.prefetch_size, a.predictor, a.chunk, pcie=a.pcie)
+    r = run_one(tr, costs, a.policy, cap, a.schedule, a.prefetch_size, a.predictor, a.chunk, pcie=a.pcie,
+                prefetch_mode=a.prefetch_mode)
     h, n = min_hit_rate(tr, cap, a.chunk)
     lb = lower_bound(tr, costs, cap, a.chunk)
     print(json.dumps({"capacity": cap, "policy": a.policy, "schedule": a.schedule, "prefetch": a.prefetch_size,
-                      "pcie": a.pcie,
+                      "pcie": a.pcie, "prefetch_mode": a.prefetch_mode,
                       **r.stats, "min_hit_rate": h / n, "ms_per_token": 1e3 * r.s_per_token,
                       "decode_tokens": r.n_decode, "decode_ms_per_token": 1e3 * r.decode_s_per_token,
                       "decode_hit_rate": r.decode_hit_rate,

@@ -87,7 +87,7 @@ def decide(cache, costs, mode: str, layer: int, experts, counts, scores: np.ndar
         cache.observe(layer, scores)
     if prefetcher is not None:
         prefetcher.record(layer, experts)
-    if cache.profiling:  # a prompt's profile is open (policy profiled; hybrimoe.cache)
+    if getattr(cache, "profiling", False):  # a prompt's profile is open (policy profiled; hybrimoe.cache)
         cache.record_profile(layer, experts, counts)
     hits = sum(s is not None for s in cache.access(layer, experts))
     planned = make_plan(layer, experts, counts, cache, costs, mode, pcie_busy=pcie_busy, ready=ready,
@@ -108,6 +108,8 @@ def decide(cache, costs, mode: str, layer: int, experts, counts, scores: np.ndar
     if refused:
         p = timeline(layer, planned.gpu, [e for e, _ in loads], (*planned.cpu, *refused), planned.counts, costs,
                      pcie_busy=pcie_busy, ready=ready, mode=mode, with_events=with_events)
+    if prefetcher is not None:
+        prefetcher.note_loads(layer, len(loads))
     return LayerDecision(layer, tuple(experts.tolist()), tuple(int(c) for c in np.asarray(counts).ravel()), hits,
                          planned, p, slots, tuple(loads), tuple(refused), tuple(evicted))
 
@@ -138,6 +140,8 @@ def _decide_native(cache, costs, mode, layer, experts, counts, scores, prefetche
             p = Plan(layer, mode, gpu, tuple(admitted), cpu_final, cmap, t[4], t[5], t[6], t[7])
     slots = dict(zip(gpu, li["gpu_slots"]))
     slots.update(zip(admitted, a_slots))
+    if prefetcher is not None:
+        prefetcher.note_loads(layer, len(admitted))
     ev = li["evicted"]
     return LayerDecision(layer, ex, cnt, h[0], planned, p, slots, tuple(zip(admitted, a_slots)), refused,
                          tuple(zip(ev[0::2], ev[1::2])))
@@ -149,6 +153,9 @@ def prefetch(cache, prefetcher, layer: int, predictions: Mapping[int, Prediction
     evicting a pinned expert or a predicted one of its target layer); orders the cache refuses
     are dropped."""
     if getattr(cache, "native", False):  # hybrimoe.engine.NativeCache: choice and admission in one call
+        if prefetcher.prefetch_mode != "impact":
+            raise ValueError(f"the native engine chooses prefetches in mode 'impact' only, not "
+                             f"{prefetcher.prefetch_mode!r} (use the Python policies: engine 'python')")
         return cache.prefetch(prefetcher, layer, predictions, idle_before)
     out = []
     for o in prefetcher.choose(layer, predictions, cache, idle_before=idle_before):
