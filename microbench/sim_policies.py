@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RECORDED = ROOT / "microbench" / "traces"  # routing recorded with generate --trace-out (see its README)
 sys.path.insert(0, str(ROOT))
 
 from hybrimoe.costs import CostModel  # noqa: E402
@@ -118,7 +119,9 @@ def prompt_sets(tdir: Path) -> dict:
     """Traces replayed as prompt + decode (label -> (trace, cost model, prefill chunk)): FLAME's
     four 512-token sequences with their first 128 tokens as the prompt (teacher-forced text both
     sides); Mixtral's one logged prompt + decode (HumanEval p0, real prefill routing); Mixtral's
-    four decode traces with their first 32 generated tokens replayed as the prompt."""
+    four decode traces with their first 32 generated tokens replayed as the prompt; and the traces
+    recorded with `generate --trace-out` on synthetic presets (microbench/traces: random weights,
+    so random routing: they test the plumbing prompt -> trace -> simulator, not the policies)."""
     from hybrimoe.sim import with_prompts
 
     mx = tdir / "mixtral8x7b_speculative-moe"
@@ -131,6 +134,10 @@ def prompt_sets(tdir: Path) -> dict:
         "mixtral-8x7b decode x 4, first 32 generated tokens as the prompt": (
             with_prompts(_concat([load_trace(mx / "humaneval_2_routing.jsonl"),
                                   load_trace(mx / "gsm8k_2_routing.jsonl")]), 32), "mixtral", 32),
+        "generate --trace-out, preset dsv2-lite (2 layers: 1 MoE layer, 64 experts top-6), random routing": (
+            load_trace(RECORDED / "dsv2-lite-L2_generate_96.npz"), "deepseek-v2-lite", 64),
+        "generate --trace-out, preset tiny (3 MoE layers, 8 experts top-2), random routing": (
+            load_trace(RECORDED / "tiny_generate_96.npz"), "mixtral", 64),
     }
 
 

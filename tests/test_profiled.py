@@ -273,3 +273,19 @@ def test_engine_native_refuses_profiled_and_the_sim_cli_takes_prompts(tiny, tmp_
         assert d["decode_tokens"] == 96 and d["placed"] > 0 and d["decode_ms_per_token"] > 0
     assert main(["--trace", "x.npz", "--prompt-tokens", "-1"]) == 2
     assert "--prompt-tokens must be >= 0, found -1" in capsys.readouterr().err
+
+
+RECORDED = Path(__file__).resolve().parents[1] / "microbench" / "traces"
+
+
+@pytest.mark.parametrize("name,L,E,k", [("tiny_generate_96.npz", 3, 8, 2), ("dsv2-lite-L2_generate_96.npz", 1, 64, 6)])
+def test_recorded_generate_traces_replay_as_prompt_and_decode(name, L, E, k):
+    """The traces generate --trace-out recorded (microbench/traces) hold one prompt then decode,
+    and the simulator replays them with a placement between the two."""
+    tr = load_trace(RECORDED / name)
+    assert (tr.n_layers, tr.n_experts, tr.top_k) == (L, E, k)
+    n_pre = int((tr.phase == PREFILL).sum())
+    assert n_pre > 1 and np.all(tr.phase[:n_pre] == PREFILL) and np.all(tr.phase[n_pre:] == DECODE)
+    costs = CostModel.paper_a6000("mixtral" if E == 8 else "deepseek-v2-lite")
+    r = run_one(tr, costs, "profiled", max(k, E // 4), chunk=n_pre)
+    assert len(r.placements) == 1 and r.n_decode == tr.n_tokens - n_pre
