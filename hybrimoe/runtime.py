@@ -73,8 +73,8 @@ class RuntimeConfig:
     `routing_trace()`). record_decisions: keep every LayerDecision / PrefetchDecision
     (`runtime.decisions`). engine: who takes the per-layer decisions (ENGINES): "native" (the C++
     engine, hybrimoe.engine: one call per layer), "python" (the readable policies), "auto" (native
-    when the extension is built and runs the policy; the two decide identically, tests/test_engine.py;
-    the admission policy bypass has only its Python implementation)."""
+    when the extension is built and runs the policy and prefetch mode; the two decide identically,
+    tests/test_engine.py; policy profiled and prefetch mode pays have only their Python implementation)."""
 
     cache_size: int | None = None
     gpu_budget: int | None = None
@@ -252,7 +252,7 @@ class HybridRuntime:
             raise HybrimoeError(f"engine 'native' chooses prefetches in mode 'impact' only, not "
                                 f"{cfg.prefetch_mode!r}; use engine 'auto' or 'python' for it")
         if (cfg.engine != "python" and native_engine.available() and not pays
-                and cfg.policy in native_engine.ENGINE_POLICIES):  # auto: bypass, profiled, pays run in Python
+                and cfg.policy in native_engine.ENGINE_POLICIES):  # auto: profiled and pays run in Python
             self.cache = native_engine.NativeCache.from_cache(self.cache, self.costs)
         self.engine = "native" if getattr(self.cache, "native", False) else "python"
         self.prefetcher = Prefetcher(self.costs, cfg.prefetch_size, cfg.horizon, self.schedule,
