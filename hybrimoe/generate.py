@@ -305,7 +305,9 @@ def summary_lines(s: dict) -> list[str]:
         f"(token-expert pairs {s['pairs_gpu']} / {s['pairs_cpu']})",
         f"PCIe {s['pcie_bytes'] / 1e6:.2f} MB ({s['demand_loads']} demand loads, {s['prefetch_loads']} prefetches: "
         f"{s['prefetch_used']} used, {s['prefetch_wasted']} wasted; prediction accuracy "
-        f"{'n/a' if pf is None else f'{pf:.2f}'})",
+        f"{'n/a' if pf is None else f'{pf:.2f}'})"
+        + ("" if not (s.get("fills") or s.get("placed")) else
+           f"; of the prefetch-class copies {s.get('fills', 0)} fills, {s.get('placed', 0)} placed from the prompt"),
     ] + ([] if "host_us" not in s else [
         "runtime host time per MoE layer: routing copy {sync:.0f} us, planning + issuing loads {plan:.0f} us, "
         "prefetch choice {prefetch:.0f} us".format(**s["host_us"])])
