@@ -245,6 +245,9 @@ class HybridRuntime:
         if cfg.engine == "native" and cfg.policy not in native_engine.ENGINE_POLICIES:
             raise HybrimoeError(f"engine 'native' runs the cache policies {', '.join(native_engine.ENGINE_POLICIES)}, "
                                 f"not {cfg.policy!r}; use engine 'auto' or 'python' for it")
+        if not int(cfg.profile_tokens) >= 0:
+            raise HybrimoeError(f"profile_tokens (the decode length a prompt placement expects) must be >= 0, "
+                                f"found {cfg.profile_tokens}")
         if cfg.prefetch_mode not in PREFETCH_MODES:
             raise HybrimoeError(f"prefetch mode {cfg.prefetch_mode!r} (expected one of {', '.join(PREFETCH_MODES)})")
         pays = cfg.prefetch_mode != "impact" and cfg.prefetch_size > 0

@@ -265,6 +265,10 @@ def test_engine_native_refuses_profiled_and_the_sim_cli_takes_prompts(tiny, tmp_
         with pytest.raises(HybrimoeError, match="profiled"):
             HybridRuntime(store, RuntimeConfig(policy="profiled", engine="native", emulate_gpu=True, device="cpu",
                                                costs="paper-a6000", cache_dir=str(tmp_path)))
+    for bad, msg in ((dict(profile_tokens=-1), "profile_tokens"), (dict(prefetch_mode="x"), "prefetch mode")):
+        with pytest.raises(HybrimoeError, match=msg):
+            HybridRuntime(store, RuntimeConfig(policy="profiled", emulate_gpu=True, device="cpu", costs="paper-a6000",
+                                               cache_dir=str(tmp_path), **bad))
     if FLAME.is_file():
         assert main(["--trace", str(FLAME), "--policy", "profiled", "--max-tokens", "160", "--prompt-tokens", "64",
                      "--chunk", "64"]) == 0
