@@ -21,6 +21,17 @@ Policies (one implementation each, shared by the runtime layer and the simulator
             its F beats the victim's (else it bypasses the cache: computed on the CPU, the cache
             left alone). It also fills: after a layer ran, an expert it computed on the CPU may be
             copied in during the link's idle time when its F beats the victim's (hybrimoe.step.fill).
+    profiled
+            prompt-profiled placement: bypass's windowed frequency, admission and fills, with the
+            prompt's routing as the prior. `begin_profile()` opens a profile (a new prompt; the
+            runtime's `new_sequence`, the simulator at a prefill after decode or at a new sequence);
+            while it is open every layer step adds its per-expert token counts (`record_profile`).
+            `end_profile()` (the runtime's `begin_decode`, the simulator's first decode step) turns
+            them into per-token use probabilities, blended with the running estimate F / window
+            weighted as `window` tokens:
+                p = (prompt counts + F) / (prompt tokens + window),   then F <- window * p
+            (a long prompt decides, a one-token prompt barely moves F), and hybrimoe.step.place
+            moves experts in by expected decode benefit against copy cost (its docstring has the rule).
     min     the oracle: Belady's MIN with bypass on the real future (`set_future`), for the
             simulator only. The victim is the resident expert used farthest in the future; a
             miss is admitted (demand load or fill) only when it is used again before the
@@ -63,9 +74,11 @@ import numpy as np
 
 from .errors import HybrimoeError
 
-POLICIES = ("mrs", "lru", "lfu", "static", "bypass", "min")
+POLICIES = ("mrs", "lru", "lfu", "static", "bypass", "profiled", "min")
 # policies that gate admission (a miss may bypass the cache) and fill in idle link time
-ADMISSION_POLICIES = ("bypass", "min")
+ADMISSION_POLICIES = ("bypass", "profiled", "min")
+# policies whose victim and gate use the windowed frequency F
+WINDOWED_POLICIES = ("bypass", "profiled")
 RUNTIME_POLICIES = tuple(p for p in POLICIES if p != "min")  # min needs the future: simulator only
 
 Key = tuple  # (layer, expert)
@@ -124,6 +137,7 @@ class ExpertCache:
         self.n_layers, self.n_experts, self.policy = n_layers, n_experts, policy
         self.alpha = float(alpha)
         self.top_p = int(top_p) if top_p else min(n_experts, 2 * top_k)
+        self.top_k = int(top_k)
         self.shared = byte_budget is not None
         if self.shared:
             if expert_bytes is None:
@@ -168,6 +182,11 @@ class ExpertCache:
         self._seen = np.zeros(n_layers, np.int64)  # accesses per layer so far (steps seen)
         self._uses: list[dict] | None = None  # min: per layer {expert: sorted steps of its uses}
         self.declined = self.fills = 0  # admissions the policy declined; fills admitted
+        # prompt profile (policy profiled): open between begin_profile and end_profile
+        self.profiling = False
+        self.prof_counts = np.zeros((n_layers, n_experts), np.float64)  # tokens routed to each expert
+        self.prof_tokens = np.zeros(n_layers, np.float64)  # tokens seen per layer
+        self.placed = 0  # experts moved in by a placement (hybrimoe.step.place)
         if policy == "min":
             if future is None:
                 raise CacheConfigError("policy 'min' (the oracle) needs future: per layer, per step, its experts")
@@ -318,7 +337,7 @@ class ExpertCache:
         self._seen[layer] += 1
         out = []
         pool = self._res[self._pool(layer)]
-        if self.policy == "bypass":
+        if self.policy in WINDOWED_POLICIES:
             self.wfreq[layer] *= 1.0 - 1.0 / self.window
         if self._guard:
             self._guard = {k for k in self._guard if k[0] != layer}
@@ -391,7 +410,7 @@ class ExpertCache:
             return None
         if self.policy == "lru":
             return min(cands, key=lambda k: self._last[k])
-        if self.policy == "bypass":
+        if self.policy in WINDOWED_POLICIES:
             return min(cands, key=lambda k: (self.wfreq[k], self._last[k]))
         if self.policy == "min":  # farthest next use; ties: least recent
             return max(cands, key=lambda k: (self.next_use(*k), -self._last[k]))
@@ -399,10 +418,31 @@ class ExpertCache:
             return min(cands, key=lambda k: (self.freq[k], self._last[k]))
         return min(cands, key=lambda k: (self.scores[k], self._last[k]))  # mrs
 
+    def victims(self, layer: int, protect: Iterable[int] = (), n: int = 1) -> list:
+        """The next `n` keys prefetches into `layer`'s pool would take, in order, without changing
+        anything: None for each free slot, then the policy's victims (never pinned, protected
+        (experts of `layer`) or guarded ones); shorter when nothing more may go."""
+        pool = self._pool(layer)
+        out: list = [None] * min(n, len(self._free[pool]))
+        if self._hot is not None:
+            return []
+        prot = {(layer, int(e)) for e in protect}
+        while len(out) < n:
+            v = self._victim(pool, prot, demand=False)
+            if v is None:
+                break
+            out.append(v)
+            prot.add(v)
+        return out
+
+    def use_rate(self, layer: int, expert: int) -> float:
+        """Fraction of its layer's steps so far that used the expert (accesses / steps)."""
+        return float(self.freq[layer, expert]) / max(1, int(self._seen[layer]))
+
     def reuse_score(self, layer: int, expert: int) -> float:
         """Predicted reuse the admission policies compare (higher = keep): bypass: windowed
         frequency F; min: minus the step of the next use; others: 0."""
-        if self.policy == "bypass":
+        if self.policy in WINDOWED_POLICIES:
             return float(self.wfreq[layer, expert])
         if self.policy == "min":
             return -self.next_use(layer, expert)
@@ -419,6 +459,52 @@ class ExpertCache:
         if victim is None:
             return True
         return self.reuse_score(*key) > self.reuse_score(*victim)
+
+    # ---------------------------------------------------------------------------- prompt profile
+    def begin_profile(self) -> None:
+        """A new prompt: open a fresh profile (its routing counts are added by `record_profile`)."""
+        self.profiling = True
+        self.prof_counts[:] = 0.0
+        self.prof_tokens[:] = 0.0
+
+    def record_profile(self, layer: int, experts, counts) -> None:
+        """While a profile is open: the layer's activated experts and their token counts this step."""
+        if not self.profiling:
+            return
+        c = np.asarray(counts, np.float64).ravel()
+        self.prof_counts[layer, np.asarray(experts, np.int64).ravel()] += c
+        self.prof_tokens[layer] += c.sum() / max(1, self.top_k)
+
+    def end_profile(self) -> np.ndarray | None:
+        """Close the profile: (n_layers, n_experts) per-token use probabilities p (module docstring:
+        the prompt's counts blended with the running estimate), None when no profile was open or it
+        saw no token. Policy profiled: F <- window * p."""
+        if not self.profiling:
+            return None
+        self.profiling = False
+        if not self.prof_tokens.any():
+            return None
+        p = (self.prof_counts + self.wfreq) / (self.prof_tokens[:, None] + self.window)
+        if self.policy == "profiled":
+            self.wfreq[:] = self.window * p
+        return p
+
+    def place_move(self, layer: int, expert: int, victim: Key | None) -> int:
+        """A placement move (hybrimoe.step.place): evict `victim` (None: take a free slot) and make
+        `expert` resident; its copy is prefetch-class link traffic. Returns the slot."""
+        key = (layer, int(expert))
+        pool = self._pool(layer)
+        if key in self._res[pool]:
+            raise CacheConfigError(f"place_move: expert {expert} of layer {layer} is already resident")
+        if victim is not None:
+            if victim in self._pinned or victim not in self._res[pool]:
+                raise CacheConfigError(f"place_move: victim {victim} is not an evictable resident of the pool")
+            self._evict(pool, victim)
+        elif not self._free[pool]:
+            raise CacheConfigError(f"place_move: no free slot for expert {expert} of layer {layer}")
+        self._tick += 1
+        self.placed += 1
+        return self._place(key)
 
     def wants_fill(self, layer: int, expert: int, protect: Iterable[int] = ()) -> bool:
         """Would a fill of this (non-resident) expert be admitted now (no state change)?"""
@@ -457,4 +543,4 @@ class ExpertCache:
         return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hits / n if n else 0.0,
                 "evictions": self.evictions, "bypass": self.bypass, "prefetch_used": self.prefetch_used,
                 "prefetch_wasted": self.prefetch_wasted, "prefetch_pending": len(self._prefetched),
-                "declined": self.declined, "fills": self.fills}
+                "declined": self.declined, "fills": self.fills, "placed": self.placed}

@@ -28,9 +28,11 @@ from .prefetch import PrefetchOrder
 from .scheduler import MODES, SEED_CONSTANTS, ScheduleError
 from .step import PrefetchDecision
 
-# The policies the engine implements, in the order of its policy codes (engine.h). The admission
-# policies (bypass, min: hybrimoe.cache) have only their Python implementation.
-ENGINE_POLICIES = ("mrs", "lru", "lfu", "static")
+# The policies the engine implements, in the order of its policy codes (engine.cpp). Of the
+# admission policies (hybrimoe.cache) the engine runs bypass (its windowed frequency, gate and the
+# cache side of fills: reuse_score, wants_fill, admit(fill=True)); profiled and min have only
+# their Python implementation.
+ENGINE_POLICIES = ("mrs", "lru", "lfu", "static", "bypass")
 
 # struct DecideHeader (kernels/cpu/engine.h): the counts at the head of decide()'s int32 output
 HEADER_FIELDS = ("hits", "n_gpu", "n_loads", "n_cpu", "n_admitted", "n_refused", "n_evicted", "n_cpu_final")
@@ -68,10 +70,11 @@ class NativeCache:
         self.slot_bytes = c.slot_bytes
         self.byte_budget = getattr(c, "byte_budget", None)
         self.top_p, self.alpha, self.guard_prefetch = c.top_p, c.alpha, c.guard_prefetch
+        self.window, self.gate_demand = c.window, c.gate_demand
         ext = _ext()
         self._g = ext.Engine(c.n_layers, c.n_experts, ENGINE_POLICIES.index(c.policy), c.shared, list(c.capacity), c.alpha,
-                             c.top_p, c.guard_prefetch)
-        if c._pinned or c._prefetched or c.hits or c.misses or c.evictions:
+                             c.top_p, c.guard_prefetch, float(c.window), bool(c.gate_demand))
+        if c._pinned or c._prefetched or c.hits or c.misses or c.evictions or c.fills or c.wfreq.any():
             raise CacheConfigError("NativeCache.from_cache takes a fresh cache (warm start only: no pins, "
                                    "prefetches or statistics yet)")
         res = [(lay, e, s) for pool in c._res for (lay, e), s in pool.items()]
@@ -167,7 +170,8 @@ class NativeCache:
             d = tl - layer
             if not 1 <= d <= pf.horizon:
                 continue
-            pf._last_pred[(tl, d)] = set(e)
+            pf._last_pred[(tl, d)] = dict(zip(e, p.prob.tolist() if isinstance(p.prob, np.ndarray)
+                                              else [float(x) for x in p.prob]))
             if idle_before.get(tl, 0.0) < pf.costs.transfer_time(tl):
                 continue  # no prefetch for it fits in the link's idle time (the engine would skip it too)
             tl_list.append(int(tl))
@@ -241,8 +245,8 @@ class NativeCache:
         self._g.access(int(layer), ex)
         return out
 
-    def admit(self, layer: int, expert: int, *, prefetch: bool = False, protect=()):
-        slot, ev = self._g.admit(int(layer), int(expert), prefetch, np.asarray(protect, np.int64).ravel())
+    def admit(self, layer: int, expert: int, *, prefetch: bool = False, fill: bool = False, protect=()):
+        slot, ev = self._g.admit(int(layer), int(expert), prefetch, np.asarray(protect, np.int64).ravel(), fill)
         if slot < 0:
             return None, None
         return slot, (None if ev < 0 else (int(ev // self.n_experts), int(ev % self.n_experts)))
@@ -256,9 +260,27 @@ class NativeCache:
         else:
             self._g.unpin_some(int(layer), [int(e) for e in experts])
 
+    def reuse_score(self, layer: int, expert: int) -> float:
+        return self._g.reuse_score(int(layer), int(expert))
+
+    def wants_fill(self, layer: int, expert: int, protect=()) -> bool:
+        return self._g.wants_fill(int(layer), int(expert), np.asarray(protect, np.int64).ravel())
+
     def stats(self) -> dict:
-        # declined / fills: what the admission policies count; always 0 for the engine's policies
-        return {**dict(self._g.stats()), "declined": 0, "fills": 0}
+        # placed: what policy profiled counts (Python only); declined / fills come from the engine (bypass)
+        return {**dict(self._g.stats()), "placed": 0}
+
+    @property
+    def wfreq(self) -> np.ndarray:
+        return self._g.wfreq()
+
+    @property
+    def fills(self) -> int:
+        return int(self._g.stats()["fills"])
+
+    @property
+    def declined(self) -> int:
+        return int(self._g.stats()["declined"])
 
     @property
     def scores(self) -> np.ndarray:

@@ -48,8 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "every expert is copied in when the GPU runs it)")
     g.add_argument("--gpu-budget", type=_parse_bytes, default=None, help="GPU bytes for experts, shared by layers")
     p.add_argument("--prefetch-size", type=int, default=0, help="experts prefetched per layer (0 = off)")
+    p.add_argument("--prefetch-mode", choices=("impact", "pays"), default="impact",
+                   help="impact: any positive predicted gain that fits the link's idle time; pays: only where the "
+                        "gain (prediction hit rate measured per layer) beats the copy's cost (Python decisions)")
     p.add_argument("--policy", choices=RUNTIME_POLICIES, default="mrs",
-                   help="expert cache policy (bypass: admission by windowed frequency, fills in idle link time)")
+                   help="expert cache policy (bypass: admission by windowed frequency, fills in idle link time; "
+                        "profiled: bypass seeded by the prompt's routing, experts placed between prefill and decode)")
     p.add_argument("--schedule", choices=("hybrid", "kt-static", "gpu-only", "cpu-only", "seed"), default="hybrid")
     p.add_argument("--cpu-threads", type=int, default=None, help="CPU kernel threads, 0..1024 (default or 0: physical "
                    "cores; one less with CUDA, where the Python thread drives the GPU)")
@@ -141,6 +145,7 @@ def load(args):
     store = ExpertStore(gm)
     cfg = RuntimeConfig(cache_size=args.cache_size, gpu_budget=args.gpu_budget, policy=args.policy,
                         schedule=args.schedule, prefetch_size=args.prefetch_size, device=str(device),
+                        prefetch_mode=args.prefetch_mode,
                         emulate_gpu=args.emulate_gpu, cpu_threads=args.cpu_threads, costs=args.costs,
                         record_timeline=bool(args.timeline or args.plot), record_routing=bool(args.trace_out),
                         engine=args.engine, static_counts=None)
@@ -233,6 +238,8 @@ def generate_ids(model, input_ids, max_new_tokens, runtime=None, eos_id=None, te
     out = model(input_ids=input_ids[:, start:], past_key_values=past, use_cache=True)
     past = out.past_key_values
     logits = out.logits[:, -1].float()
+    if getattr(runtime, "begin_decode", None) is not None:  # the prompt is in: policy profiled places
+        runtime.begin_decode(max(0, max_new_tokens - 1))      # from its routing (a chat: every turn)
     _sync_cuda()  # the prefill's queued kernels belong to the prefill time, not the decode's
     t1 = time.perf_counter()
     new = []
@@ -298,7 +305,9 @@ def summary_lines(s: dict) -> list[str]:
         f"(token-expert pairs {s['pairs_gpu']} / {s['pairs_cpu']})",
         f"PCIe {s['pcie_bytes'] / 1e6:.2f} MB ({s['demand_loads']} demand loads, {s['prefetch_loads']} prefetches: "
         f"{s['prefetch_used']} used, {s['prefetch_wasted']} wasted; prediction accuracy "
-        f"{'n/a' if pf is None else f'{pf:.2f}'})",
+        f"{'n/a' if pf is None else f'{pf:.2f}'})"
+        + ("" if not (s.get("fills") or s.get("placed")) else
+           f"; of the prefetch-class copies {s.get('fills', 0)} fills, {s.get('placed', 0)} placed from the prompt"),
     ] + ([] if "host_us" not in s else [
         "runtime host time per MoE layer: routing copy {sync:.0f} us, planning + issuing loads {plan:.0f} us, "
         "prefetch choice {prefetch:.0f} us".format(**s["host_us"])])

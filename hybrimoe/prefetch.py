@@ -16,6 +16,26 @@ phase, so every prefetch ends before the next demand load can be issued; with pr
 (chunked) copies a demand load overtakes a running prefetch and the budget may span layers.
 Either way a prefetch never delays a demand load. A prefetch still in flight when its layer is routed and used becomes that layer's
 first transfer (its remaining time shows up as `pcie_busy`/`ready` in that layer's plan).
+
+Prefetch modes (`Prefetcher(..., prefetch_mode=)`, PREFETCH_MODES):
+    impact  the above: any positive prob-weighted gain whose transfer fits the idle window.
+    pays    prefetch only where the predicted gain exceeds the transfer's cost:
+                net = p * saved - victim loss - late cost > 0,  picked greedily by net
+            p: the prediction's probability fed back by the measured per-layer hit rate of the
+               look-ahead: per (target layer, distance), decayed counts (decay `acc_decay` per
+               prediction scored) of predicted experts that were used (h) and of the probability
+               the predictions claimed (c): p = min(1, prob * (h + 1) / (c + 1)) (the claim is
+               trusted until measured; `layer_accuracy()` reports h / predictions);
+            saved: the makespan the expert saves its layer, as in impact;
+            victim loss: what the admission would evict (cache.victims, in order; a free slot
+               costs nothing): its layer's use rate of it so far (cache.freq / steps of the
+               layer) times cpu_time(1) - gpu_time(1) of its layer, i.e. the expected time a
+               hit on it would have saved at its next step;
+            late cost: the part of the transfer past the target's idle window, over, times
+               (p + r): the layer waits for a used expert still in flight, and the next layer's
+               demand loads wait with r = its recent rate of steps with demand loads
+               (`note_loads`, an EMA fed by hybrimoe.step.decide). A copy must start inside
+               the window (used < idle_before[target]).
 """
 
 from __future__ import annotations
@@ -68,15 +88,31 @@ def idle_budget(layer: int, moe_makespan: float, pcie_end: float, next_dense: fl
             for d in range(1, horizon + 1) if layer + d < n_layers}
 
 
+PREFETCH_MODES = ("impact", "pays")
+
+
+class PrefetchConfigError(ValueError):
+    """Unknown prefetch mode."""
+
+
 class Prefetcher:
-    """Chooses prefetches with the scheduler's own cost model. One per model; stateful only for
-    statistics (prediction accuracy per look-ahead distance)."""
+    """Chooses prefetches with the scheduler's own cost model. One per model; stateful for
+    statistics (prediction accuracy per look-ahead distance and per target layer) and, in mode
+    'pays', the fed-back probabilities and demand-load rates (module docstring)."""
 
     def __init__(self, costs: CostModel, prefetch_size: int = 2, horizon: int = 3, mode: str = "hybrid",
-                 min_gain: float = 0.0):
+                 min_gain: float = 0.0, prefetch_mode: str = "impact", acc_decay: float = 0.98,
+                 load_decay: float = 0.9):
+        if prefetch_mode not in PREFETCH_MODES:
+            raise PrefetchConfigError(f"unknown prefetch mode {prefetch_mode!r} (expected one of {PREFETCH_MODES})")
         self.costs, self.prefetch_size, self.horizon, self.mode = costs, int(prefetch_size), int(horizon), mode
         self.min_gain = float(min_gain)
-        self._last_pred: dict[tuple[int, int], set] = {}  # (target layer, distance) -> predicted set
+        self.prefetch_mode = prefetch_mode
+        self.acc_decay, self.load_decay = float(acc_decay), float(load_decay)
+        self._last_pred: dict[tuple[int, int], dict] = {}  # (target layer, distance) -> {expert: claimed prob}
+        # per (target layer, distance): decayed [used predictions, claimed probability, predictions]
+        self._acc: dict[tuple[int, int], list] = {}
+        self._load_rate: dict[int, float] = {}  # layer -> EMA of [its step made demand loads]
         self.pred_hits = np.zeros(horizon + 1, np.int64)  # per distance d: predicted & used
         self.pred_total = np.zeros(horizon + 1, np.int64)  # per distance d: actually used
         self.issued = 0
@@ -104,9 +140,11 @@ class Prefetcher:
         for tl, p in predictions.items():
             d = tl - layer
             if 1 <= d <= self.horizon:
-                self._last_pred[(tl, d)] = {int(e) for e in p.experts}
+                self._last_pred[(tl, d)] = dict(zip(np.asarray(p.experts).tolist(), np.asarray(p.prob).tolist()))
         if self.prefetch_size <= 0:
             return []
+        if self.prefetch_mode == "pays":
+            return self._choose_pays(layer, predictions, cache, idle_before)
         used = 0.0
         # per target layer: token counts of its predicted experts that are resident / not, and the
         # candidates (predicted, not resident, admissible) as (layer, expert, prob, count)
@@ -174,8 +212,107 @@ class Prefetcher:
         for d in range(1, self.horizon + 1):
             pred = self._last_pred.pop((layer, d), None)
             if pred is not None:
-                self.pred_hits[d] += len(act & pred)
+                h = len(act & pred.keys())
+                self.pred_hits[d] += h
                 self.pred_total[d] += len(act)
+                a = self._acc.setdefault((layer, d), [0.0, 0.0, 0.0])
+                k = self.acc_decay ** len(pred)
+                a[0] = k * a[0] + h
+                a[1] = k * a[1] + sum(pred.values())
+                a[2] = k * a[2] + len(pred)
+
+    def note_loads(self, layer: int, n_loads: int) -> None:
+        """The layer's decision made `n_loads` demand loads this step (hybrimoe.step.decide)."""
+        r = self._load_rate.get(layer, 0.0)
+        self._load_rate[layer] = self.load_decay * r + (1.0 - self.load_decay) * (n_loads > 0)
+
+    def calibrated(self, layer: int, distance: int, prob: float) -> float:
+        """A prediction's claimed probability fed back by the measured hit rate of the predictions
+        for that layer at that distance (module docstring)."""
+        a = self._acc.get((layer, distance))
+        if a is None:
+            return min(1.0, prob)
+        return min(1.0, prob * (a[0] + 1.0) / (a[1] + 1.0))
+
+    def layer_accuracy(self) -> dict[tuple[int, int], float]:
+        """{(target layer, distance): decayed fraction of predicted experts that were used}."""
+        return {k: a[0] / a[2] for k, a in sorted(self._acc.items()) if a[2] > 0}
+
+    def _choose_pays(self, layer: int, predictions: Mapping[int, Prediction], cache, idle_before) -> list[PrefetchOrder]:
+        """Mode 'pays' (module docstring): greedy by net gain, each pick only when net > 0."""
+        used = 0.0
+        hits: dict[int, list[int]] = {}
+        rest: dict[int, list[int]] = {}
+        cands = []  # (layer, expert, calibrated prob, count)
+        protect: dict[int, np.ndarray] = {}
+        for tl, p in predictions.items():
+            d = tl - layer
+            if not 1 <= d <= self.horizon or idle_before.get(tl, 0.0) <= 0.0:
+                continue
+            h, r = hits[tl], rest[tl] = [], []
+            for e, pr, n in zip(np.asarray(p.experts).tolist(), np.asarray(p.prob).tolist(),
+                                np.asarray(p.counts).tolist()):
+                if cache.contains(tl, e):
+                    h.append(n)
+                else:
+                    r.append(n)
+                    pc = self.calibrated(tl, d, pr)
+                    if pc > 0:
+                        cands.append((tl, e, pc, n))
+            protect[tl] = p.experts
+        if not cands:
+            return []
+        nxt = layer + 1
+        r_next = self._load_rate.get(nxt, 0.0)
+        victims: dict[int, list] = {}  # pool -> losses of its next evictions, in order
+        taken: dict[int, int] = {}  # pool -> picks so far
+
+        def victim_loss(tl: int) -> float | None:
+            pool = cache._pool(tl)
+            if pool not in victims:
+                vs = cache.victims(tl, protect=protect[tl], n=self.prefetch_size)
+                victims[pool] = [0.0 if v is None else cache.use_rate(*v) * self._save(v[0]) for v in vs]
+            j = taken.get(pool, 0)
+            return victims[pool][j] if j < len(victims[pool]) else None
+
+        out: list[PrefetchOrder] = []
+        base: dict[int, float] = {}
+        saved: dict[tuple[int, int], float] = {}
+        while cands and len(out) < self.prefetch_size:
+            cands = [c for c in cands if used < idle_before.get(c[0], 0.0)]
+            best = None
+            for tl, e, pr, n in cands:
+                loss = victim_loss(tl)
+                if loss is None:  # nothing the admission may evict
+                    continue
+                sv = saved.get((tl, n))
+                if sv is None:
+                    if tl not in base:
+                        base[tl] = self._makespan(tl, hits[tl], rest[tl])
+                    r = list(rest[tl])
+                    r.remove(n)
+                    sv = saved[(tl, n)] = base[tl] - self._makespan(tl, hits[tl] + [n], r)
+                tr = self.costs.transfer_time(tl)
+                over = max(0.0, used + tr - idle_before[tl])
+                net = pr * sv - loss - over * (pr + r_next)
+                if best is None or net > best[0]:
+                    best = (net, tl, e, pr, n, tr)
+            if best is None or best[0] <= max(0.0, self.min_gain):
+                break
+            net, tl, e, pr, n, tr = best
+            cands.remove((tl, e, pr, n))
+            used += tr
+            hits[tl].append(n)
+            rest[tl].remove(n)
+            taken[cache._pool(tl)] = taken.get(cache._pool(tl), 0) + 1
+            base.pop(tl, None)
+            saved = {k: v for k, v in saved.items() if k[0] != tl}
+            out.append(PrefetchOrder(tl, e, net, tr))
+        self.issued += len(out)
+        return out
+
+    def _save(self, layer: int) -> float:
+        return max(0.0, self.costs.cpu_time(layer, 1) - self.costs.gpu_time(layer, 1))
 
     def accuracy(self) -> dict[int, float]:
         """{distance d: fraction of actually activated experts that were predicted d layers ahead}."""

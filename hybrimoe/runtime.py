@@ -35,11 +35,11 @@ from .costs import CostModel
 from .errors import HybrimoeError
 from .executors import CpuSide, gpu_executor
 from .lookahead import LookAhead
-from .prefetch import Prediction, Prefetcher, idle_budget
+from .prefetch import PREFETCH_MODES, Prediction, Prefetcher, idle_budget
 from .reference import RoutingConfig
 from .stats import LayerStats
 from .scheduler import MODES
-from .step import FillSpan, decide, fill, release
+from .step import FillSpan, decide, fill, place, release
 from .step import prefetch as prefetch_step
 from .transfer import TransferEngine
 
@@ -52,9 +52,14 @@ ENGINES = ("auto", "native", "python")
 class RuntimeConfig:
     """cache_size: GPU-resident experts per MoE layer; or gpu_budget: bytes shared by all layers.
     policy: mrs | lru | lfu | static | bypass (admission by windowed frequency, with fills in idle
-    link time; hybrimoe.cache) — 'min' needs the future and runs in the simulator only.
+    link time; hybrimoe.cache) | profiled (bypass with the prompt's routing as its prior and a
+    placement between prefill and decode: `new_sequence` opens the profile, `begin_decode`
+    places; profile_tokens: the decode length a placement expects when `begin_decode` is not
+    told) — 'min' needs the future and runs in the simulator only.
     schedule: hybrid | kt-static | gpu-only | cpu-only | seed.
-    prefetch_size: experts prefetched per layer (0 = off); horizon: layers looked ahead.
+    prefetch_size: experts prefetched per layer (0 = off); horizon: layers looked ahead;
+    prefetch_mode: impact | pays (hybrimoe.prefetch: pays prefetches only where the gain, with the
+    per-layer measured look-ahead hit rate fed back, beats the copy's cost; Python decisions only).
     cpu_threads: CPU expert-kernel threads (default: the physical cores, less one on CUDA, where
     the Python thread drives the GPU meanwhile). device: 'cuda' / 'cpu' / None (CUDA when
     available). gpu: the GPU side (GPU_SIDES): "cuda" (the real one), "emulated" (on a host
@@ -68,8 +73,8 @@ class RuntimeConfig:
     `routing_trace()`). record_decisions: keep every LayerDecision / PrefetchDecision
     (`runtime.decisions`). engine: who takes the per-layer decisions (ENGINES): "native" (the C++
     engine, hybrimoe.engine: one call per layer), "python" (the readable policies), "auto" (native
-    when the extension is built and runs the policy; the two decide identically, tests/test_engine.py;
-    the admission policy bypass has only its Python implementation)."""
+    when the extension is built and runs the policy and prefetch mode; the two decide identically,
+    tests/test_engine.py; policy profiled and prefetch mode pays have only their Python implementation)."""
 
     cache_size: int | None = None
     gpu_budget: int | None = None
@@ -91,6 +96,8 @@ class RuntimeConfig:
     record_routing: bool = False
     record_decisions: bool = False
     engine: str = "auto"
+    profile_tokens: int = 128
+    prefetch_mode: str = "impact"
 
     def gpu_side(self, device: torch.device) -> str:
         """The GPU side this configuration asks for on `device` (see the class docstring)."""
@@ -238,12 +245,21 @@ class HybridRuntime:
         if cfg.engine == "native" and cfg.policy not in native_engine.ENGINE_POLICIES:
             raise HybrimoeError(f"engine 'native' runs the cache policies {', '.join(native_engine.ENGINE_POLICIES)}, "
                                 f"not {cfg.policy!r}; use engine 'auto' or 'python' for it")
-        if (cfg.engine != "python" and native_engine.available()
-                and cfg.policy in native_engine.ENGINE_POLICIES):  # auto: bypass runs in Python
+        if not int(cfg.profile_tokens) >= 0:
+            raise HybrimoeError(f"profile_tokens (the decode length a prompt placement expects) must be >= 0, "
+                                f"found {cfg.profile_tokens}")
+        if cfg.prefetch_mode not in PREFETCH_MODES:
+            raise HybrimoeError(f"prefetch mode {cfg.prefetch_mode!r} (expected one of {', '.join(PREFETCH_MODES)})")
+        pays = cfg.prefetch_mode != "impact" and cfg.prefetch_size > 0
+        if cfg.engine == "native" and pays:
+            raise HybrimoeError(f"engine 'native' chooses prefetches in mode 'impact' only, not "
+                                f"{cfg.prefetch_mode!r}; use engine 'auto' or 'python' for it")
+        if (cfg.engine != "python" and native_engine.available() and not pays
+                and cfg.policy in native_engine.ENGINE_POLICIES):  # auto: profiled and pays run in Python
             self.cache = native_engine.NativeCache.from_cache(self.cache, self.costs)
         self.engine = "native" if getattr(self.cache, "native", False) else "python"
-        self.prefetcher = Prefetcher(self.costs, cfg.prefetch_size, cfg.horizon,
-                                     self.schedule) if cfg.prefetch_size > 0 and self.gpu_enabled else None
+        self.prefetcher = Prefetcher(self.costs, cfg.prefetch_size, cfg.horizon, self.schedule,
+                                     prefetch_mode=cfg.prefetch_mode) if cfg.prefetch_size > 0 and self.gpu_enabled else None
         self._fill_span = None  # FillSpan, on the first fill (admission policies)
         self.routers: dict[int, tuple[torch.Tensor, RoutingConfig]] = {}
         self.lookahead = LookAhead(self.routers, self.moe_layers, self.n_experts, self.top_k, mc.hidden,
@@ -275,13 +291,39 @@ class HybridRuntime:
                             "prompt and runtime.next_step() before each decoded token")
 
     def new_sequence(self) -> None:
-        """A new prompt: the next layer calls belong to its prefill (step 0)."""
+        """A new prompt (or a chat's next turn): the next layer calls belong to its prefill (step 0).
+        Policy profiled: opens a new profile of the prompt's routing (see `begin_decode`)."""
         self._step = 0
+        if self.cache.policy == "profiled":
+            self.cache.begin_profile()
 
     def next_step(self) -> int:
-        """The next layer calls belong to the next decoded token; returns its step number."""
+        """The next layer calls belong to the next decoded token; returns its step number. The
+        first one after a prompt runs `begin_decode()` when the caller has not."""
+        if getattr(self.cache, "profiling", False):
+            self.begin_decode()
         self._step += 1
         return self._step
+
+    def begin_decode(self, decode_tokens: int | None = None) -> list:
+        """The prompt's prefill is done and about `decode_tokens` decoded tokens follow (default
+        `RuntimeConfig.profile_tokens`). Policy profiled: close the prompt's profile and move the
+        experts in that pay for their copy over that decode (hybrimoe.step.place, the simulator's
+        rule); the copies go as prefetch-class transfers that demand loads overtake. Returns the
+        PlaceDecisions (none for other policies, or when no profile is open)."""
+        if not getattr(self.cache, "profiling", False):
+            return []
+        n = self.config.profile_tokens if decode_tokens is None else decode_tokens
+        if n < 0:
+            raise HybrimoeError(f"begin_decode: decode_tokens must be >= 0, found {n}")
+        moves = place(self.cache, self.costs, n, self.schedule)
+        for mv in moves:
+            if self.config.record_decisions:
+                self.decisions.append((self.step, mv))
+            layer = self.moe_layers[mv.layer]
+            self.transfers.load(self._pool(mv.layer), mv.slot, self._span(layer, mv.expert), prefetch=True)
+            self.stats[layer].placed += 1
+        return moves
 
     def close(self) -> None:
         """Finish the copies in flight and drop queued prefetches; call before dropping a runtime

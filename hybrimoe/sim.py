@@ -13,8 +13,11 @@ Per step (one decode token, or a `chunk` of prefill tokens) and per MoE layer L:
     and the plan is re-timed that way; lanes advance by the plan's times
     prefetcher.choose(...) with predictions for L+1..L+3; prefetches queue on the PCIe lane in the
     idle time the plan leaves (they never delay a demand load; see `simulate`'s pcie models)
-    admission policies (bypass, min): hybrimoe.step.fill copies experts the layer ran on the CPU
-    into the cache after the prefetches, in idle link time (`simulate`'s fill_span)
+    admission policies (bypass, profiled, min): hybrimoe.step.fill copies experts the layer ran on
+    the CPU into the cache after the prefetches, in idle link time (`simulate`'s fill_span)
+Prompts (policy profiled): a prefill step after decode (or of a new sequence) opens the cache's
+profile; the first decode step after it runs hybrimoe.step.place, whose copies queue on the PCIe
+lane like prefetches (`simulate`'s decode_tokens).
 Layer time = dense + plan.makespan; the next layer starts when both CPU and GPU are done.
 
 Predictors (the runtime applies later routers to the current hidden state; traces cannot):
@@ -45,10 +48,10 @@ import numpy as np
 
 from .cache import POLICIES, ExpertCache
 from .costs import CostModel, resolve
-from .prefetch import Prediction, Prefetcher, idle_budget
-from .step import FillSpan, decide, fill, release
+from .prefetch import PREFETCH_MODES, Prediction, Prefetcher, idle_budget
+from .step import FillSpan, decide, fill, place, release
 from .step import prefetch as prefetch_step
-from .traces import Trace, load_trace
+from .traces import DECODE, PREFILL, Trace, load_trace
 
 
 
@@ -154,10 +157,23 @@ class SimResult:
     stats: dict
     accuracy: dict = field(default_factory=dict)
     layer_log: list = field(default_factory=list)  # per (step, layer): dict, when log=True
+    decode_s: float = 0.0  # time of the decode steps alone (trace phase DECODE)
+    n_decode: int = 0
+    placements: list = field(default_factory=list)  # (step index, [PlaceDecision]) of policy profiled
+    decode_hits: int = 0  # hits and accesses of the decode steps alone
+    decode_accesses: int = 0
 
     @property
     def s_per_token(self) -> float:
         return self.total_s / max(1, self.n_tokens)
+
+    @property
+    def decode_s_per_token(self) -> float:
+        return self.decode_s / max(1, self.n_decode)
+
+    @property
+    def decode_hit_rate(self) -> float:
+        return self.decode_hits / self.decode_accesses if self.decode_accesses else float("nan")
 
 
 def _steps(trace: Trace, chunk: int, tokens: np.ndarray):
@@ -181,7 +197,7 @@ PCIE_MODELS = ("whole", "preemptive")
 def simulate(trace: Trace, cache: ExpertCache, costs: CostModel, mode: str = "hybrid",
              prefetcher: Prefetcher | None = None, predictor=None, *, chunk: int = 1,
              tokens: np.ndarray | None = None, log: bool = False, pcie: str = "whole",
-             fill_span: int | None = None) -> SimResult:
+             fill_span: int | None = None, decode_tokens: float | None = None) -> SimResult:
     """Replay `trace` (all tokens, or the index array `tokens`) through cache/scheduler/prefetcher.
 
     pcie: how a prefetch shares the link with demand loads.
@@ -196,6 +212,9 @@ def simulate(trace: Trace, cache: ExpertCache, costs: CostModel, mode: str = "hy
     layers that lately made no demand loads (a whole-expert copy still running when a layer
     starts delays its loads: head_block, timed like any other; with "preemptive" copies a longer
     span measured worse: fills still in flight when their expert is used again make it wait).
+    decode_tokens: the expected decode length hybrimoe.step.place weighs a move with (policy
+    profiled); None: the decode tokens of that sequence in the replay (what generate's
+    max_new_tokens stands for when it is reached).
     """
     if pcie not in PCIE_MODELS:
         raise ValueError(f"pcie model {pcie!r} (expected one of {PCIE_MODELS})")
@@ -209,6 +228,11 @@ def simulate(trace: Trace, cache: ExpertCache, costs: CostModel, mode: str = "hy
     n_tok = 0
     in_flight_hits = 0  # hits on prefetches whose transfer had not finished at routing time
     spans = FillSpan(L)  # fill budgets: layers ahead without recent demand loads
+    profiled = getattr(cache, "policy", None) == "profiled"
+    prev = None  # (phase, seq) of the previous step
+    placements = []
+    decode_s, n_dec, dec_hits, dec_acc = 0.0, 0, 0, 0
+    n_steps = 0
 
     def advance(until: float):
         """Let queued prefetches use the idle link from max(q_time, pcie_free) to `until`."""
@@ -226,6 +250,23 @@ def simulate(trace: Trace, cache: ExpertCache, costs: CostModel, mode: str = "hy
     for step in _steps(trace, chunk, tokens):
         T = len(step)
         n_tok += T
+        ph, sq = int(trace.phase[step[0]]), int(trace.seq[step[0]])
+        t_step = t
+        if profiled and ph == PREFILL and prev != (PREFILL, sq):
+            cache.begin_profile()  # a new prompt: a new profile
+        if profiled and ph == DECODE and cache.profiling:
+            n_exp = decode_tokens
+            if n_exp is None:
+                rest = tokens[n_tok - T:]
+                n_exp = int(np.sum((trace.seq[rest] == sq) & (trace.phase[rest] == DECODE)))
+            moves = place(cache, costs, n_exp, mode)
+            placements.append((n_steps, moves))
+            for mv in moves:
+                if mv.evicted is not None:
+                    queue[:] = [j for j in queue if (j[0], j[1]) != mv.evicted]
+                queue.append([mv.layer, mv.expert, mv.transfer, mv.transfer])
+        prev = (ph, sq)
+        n_steps += 1
         for layer in range(L):
             t += costs.dense_time(layer, T)
             advance(t)
@@ -288,11 +329,17 @@ def simulate(trace: Trace, cache: ExpertCache, costs: CostModel, mode: str = "hy
             release(cache, layer)
             advance(end)
             t = end
+            if ph == DECODE:
+                dec_hits += d.hits
+                dec_acc += len(d.experts)
+        if ph == DECODE:
+            decode_s += t - t_step
+            n_dec += T
         if predictor is not None:
             predictor.update(step)
     st = dict(cache.stats(), hits_in_flight=in_flight_hits)
     acc = prefetcher.accuracy() if prefetcher is not None else {}
-    return SimResult(n_tok, t, st, acc, rows)
+    return SimResult(n_tok, t, st, acc, rows, decode_s, n_dec, placements, dec_hits, dec_acc)
 
 
 # ------------------------------------------------------------------------------ bounds
@@ -394,6 +441,18 @@ def lower_bound(trace: Trace, costs: CostModel, capacity: int, chunk: int = 1, t
 
 
 # ------------------------------------------------------------------------------ drivers
+def with_prompts(trace: Trace, prompt_tokens: int) -> Trace:
+    """The trace with the first `prompt_tokens` tokens of every sequence marked PREFILL (its
+    prompt) and the rest DECODE: a stream of teacher-forced text (FLAME) or of generated tokens
+    replayed as prompt + decode."""
+    phase = np.full(trace.n_tokens, DECODE, np.uint8)
+    for sq in np.unique(trace.seq):
+        idx = np.flatnonzero(trace.seq == sq)
+        phase[idx[:prompt_tokens]] = PREFILL
+    return Trace(trace.expert_ids, trace.scores, phase, trace.seq, trace.moe_layers, trace.n_experts,
+                 f"{trace.name} (prompt {prompt_tokens})", trace.score_kind, trace.source)
+
+
 def make_cache(trace: Trace, policy: str, capacity: int, static_counts=None, chunk: int = 1, tokens=None,
                **kw) -> ExpertCache:
     """Per-layer cache for a trace; `static` takes counts of the whole trace unless given
@@ -409,11 +468,13 @@ def make_cache(trace: Trace, policy: str, capacity: int, static_counts=None, chu
 
 
 def run_one(trace, costs, policy, capacity, mode="hybrid", prefetch_size=0, predictor="learned", chunk=1,
-            horizon=3, pcie="whole", fill_span=None, **cache_kw) -> SimResult:
+            horizon=3, pcie="whole", fill_span=None, decode_tokens=None, prefetch_mode="impact",
+            **cache_kw) -> SimResult:
     cache = make_cache(trace, policy, capacity, chunk=chunk, **cache_kw)
-    pf = Prefetcher(costs, prefetch_size, horizon, mode) if prefetch_size > 0 else None
+    pf = Prefetcher(costs, prefetch_size, horizon, mode, prefetch_mode=prefetch_mode) if prefetch_size > 0 else None
     pr = make_predictor(predictor, trace, horizon) if pf is not None else None
-    return simulate(trace, cache, costs, mode, pf, pr, chunk=chunk, pcie=pcie, fill_span=fill_span)
+    return simulate(trace, cache, costs, mode, pf, pr, chunk=chunk, pcie=pcie, fill_span=fill_span,
+                    decode_tokens=decode_tokens)
 
 
 def sweep(trace: Trace, costs: CostModel, fractions=(0.25, 0.5, 0.75), prefetch=(0, 2),
@@ -512,7 +573,8 @@ def _check_flags(a, n_experts: int | None = None) -> str | None:
     """One line naming the first numeric flag out of its range (E-bounded ones once E is known)."""
     hi = n_experts if n_experts is not None else None
     for flag, v, lo, top in (("--cache-size", a.cache_size, 0, hi), ("--prefetch-size", a.prefetch_size, 0, hi),
-                             ("--chunk", a.chunk, 1, None), ("--max-tokens", a.max_tokens, 0, None)):
+                             ("--chunk", a.chunk, 1, None), ("--max-tokens", a.max_tokens, 0, None),
+                             ("--prompt-tokens", a.prompt_tokens, 0, None)):
         if v is not None and (v < lo or (top is not None and v > top)):
             want = f"in {lo}..{top} (the trace's experts per layer)" if top is not None else f">= {lo}"
             return f"{flag} must be {want}, found {v}"
@@ -538,12 +600,17 @@ def main(argv=None) -> int:
     ap.add_argument("--schedule", default="hybrid", choices=("hybrid", "kt-static", "gpu-only", "cpu-only", "seed"))
     ap.add_argument("--prefetch-size", type=int, default=0, help="experts prefetched per layer, 0..E (0 = off)")
     ap.add_argument("--predictor", default="learned", help="oracle | learned | degraded:ACC")
+    ap.add_argument("--prefetch-mode", default="impact", choices=PREFETCH_MODES,
+                    help="impact: any positive gain that fits the idle window; pays: only where the gain (with "
+                         "the per-layer measured prediction hit rate) beats the copy's cost (hybrimoe.prefetch)")
     ap.add_argument("--costs", default="paper-a6000",
                     help="paper-a6000 (shape guessed from E), paper-a6000:mixtral, or a cost JSON")
     ap.add_argument("--pcie", default="whole", choices=PCIE_MODELS,
                     help="whole: one non-preemptible DMA per expert (the runtime); preemptive: chunked")
     ap.add_argument("--chunk", type=int, default=1, help="prefill tokens per step, >= 1 (decode is always 1)")
     ap.add_argument("--max-tokens", type=int, default=None, help="use the first N tokens of the trace (0 or unset = all)")
+    ap.add_argument("--prompt-tokens", type=int, default=None,
+                    help="replay the first N tokens of every sequence as its prompt (prefill), the rest as decode")
     ap.add_argument("--sweep", action="store_true", help="policies x cache 25/50/75%% x prefetch 0/2")
     ap.add_argument("--plot", default=None)
     ap.add_argument("--json", default=None, help="write rows as JSON here")
@@ -559,6 +626,8 @@ def main(argv=None) -> int:
         return 2
     if a.max_tokens:
         tr = tr.subset(slice(0, a.max_tokens))
+    if a.prompt_tokens is not None:
+        tr = with_prompts(tr, a.prompt_tokens)
     costs = resolve(a.costs, "mixtral" if tr.n_experts == 8 else "deepseek-v2-lite")
     print(f"# {tr.name}: {tr.n_tokens} tokens x {tr.n_layers} layers, top-{tr.top_k} of {tr.n_experts}; "
           f"costs {costs.name}", flush=True)
@@ -576,12 +645,15 @@ def main(argv=None) -> int:
                                                 "rows": rows, "schedules": cmp_rows}, indent=1))
         return 0
     cap = a.cache_size if a.cache_size is not None else max(tr.top_k, tr.n_experts // 4)
-    r = run_one(tr, costs, a.policy, cap, a.schedule, a.prefetch_size, a.predictor, a.chunk, pcie=a.pcie)
+    r = run_one(tr, costs, a.policy, cap, a.schedule, a.prefetch_size, a.predictor, a.chunk, pcie=a.pcie,
+                prefetch_mode=a.prefetch_mode)
     h, n = min_hit_rate(tr, cap, a.chunk)
     lb = lower_bound(tr, costs, cap, a.chunk)
     print(json.dumps({"capacity": cap, "policy": a.policy, "schedule": a.schedule, "prefetch": a.prefetch_size,
-                      "pcie": a.pcie,
+                      "pcie": a.pcie, "prefetch_mode": a.prefetch_mode,
                       **r.stats, "min_hit_rate": h / n, "ms_per_token": 1e3 * r.s_per_token,
+                      "decode_tokens": r.n_decode, "decode_ms_per_token": 1e3 * r.decode_s_per_token,
+                      "decode_hit_rate": r.decode_hit_rate,
                       "lb_ms_per_token": 1e3 * lb / r.n_tokens, "pred_accuracy": r.accuracy}, indent=1))
     return 0
 

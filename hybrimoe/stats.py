@@ -20,6 +20,7 @@ class LayerStats:
     bytes_moved: int = 0
     prefetch_issued: int = 0
     fills: int = 0  # experts run on the CPU, then copied into the cache in idle link time (bypass)
+    placed: int = 0  # experts moved in by a prompt-profiled placement (policy profiled)
     cpu_s: float = 0.0
     gpu_s: float = 0.0
     total_s: float = 0.0
@@ -53,7 +54,7 @@ def summary(rt) -> dict:
         "pairs_cpu": tot.tokens_cpu, "pcie_bytes": rt.transfers.stats.bytes,
         "demand_loads": rt.transfers.stats.demand_loads, "prefetch_loads": rt.transfers.stats.prefetch_loads,
         "prefetch_used": cs["prefetch_used"], "prefetch_wasted": cs["prefetch_wasted"],
-        "fills": tot.fills, "declined": cs["declined"],
+        "fills": tot.fills, "declined": cs["declined"], "placed": tot.placed,
         # mean host microseconds per MoE layer call (see LayerStats)
         "host_us": {k: getattr(tot, f"{k}_s") / max(tot.steps, 1) * 1e6 for k in ("sync", "plan", "prefetch")},
         "per_layer": layer_stats(rt),

@@ -87,6 +87,8 @@ def decide(cache, costs, mode: str, layer: int, experts, counts, scores: np.ndar
         cache.observe(layer, scores)
     if prefetcher is not None:
         prefetcher.record(layer, experts)
+    if getattr(cache, "profiling", False):  # a prompt's profile is open (policy profiled; hybrimoe.cache)
+        cache.record_profile(layer, experts, counts)
     hits = sum(s is not None for s in cache.access(layer, experts))
     planned = make_plan(layer, experts, counts, cache, costs, mode, pcie_busy=pcie_busy, ready=ready,
                         seed_model=seed_model, with_events=with_events)
@@ -106,6 +108,8 @@ def decide(cache, costs, mode: str, layer: int, experts, counts, scores: np.ndar
     if refused:
         p = timeline(layer, planned.gpu, [e for e, _ in loads], (*planned.cpu, *refused), planned.counts, costs,
                      pcie_busy=pcie_busy, ready=ready, mode=mode, with_events=with_events)
+    if prefetcher is not None:
+        prefetcher.note_loads(layer, len(loads))
     return LayerDecision(layer, tuple(experts.tolist()), tuple(int(c) for c in np.asarray(counts).ravel()), hits,
                          planned, p, slots, tuple(loads), tuple(refused), tuple(evicted))
 
@@ -136,6 +140,8 @@ def _decide_native(cache, costs, mode, layer, experts, counts, scores, prefetche
             p = Plan(layer, mode, gpu, tuple(admitted), cpu_final, cmap, t[4], t[5], t[6], t[7])
     slots = dict(zip(gpu, li["gpu_slots"]))
     slots.update(zip(admitted, a_slots))
+    if prefetcher is not None:
+        prefetcher.note_loads(layer, len(admitted))
     ev = li["evicted"]
     return LayerDecision(layer, ex, cnt, h[0], planned, p, slots, tuple(zip(admitted, a_slots)), refused,
                          tuple(zip(ev[0::2], ev[1::2])))
@@ -147,6 +153,9 @@ def prefetch(cache, prefetcher, layer: int, predictions: Mapping[int, Prediction
     evicting a pinned expert or a predicted one of its target layer); orders the cache refuses
     are dropped."""
     if getattr(cache, "native", False):  # hybrimoe.engine.NativeCache: choice and admission in one call
+        if prefetcher.prefetch_mode != "impact":
+            raise ValueError(f"the native engine chooses prefetches in mode 'impact' only, not "
+                             f"{prefetcher.prefetch_mode!r} (use the Python policies: engine 'python')")
         return cache.prefetch(prefetcher, layer, predictions, idle_before)
     out = []
     for o in prefetcher.choose(layer, predictions, cache, idle_before=idle_before):
@@ -220,6 +229,70 @@ class FillSpan:
         while s < L and self.ema[(layer + s) % L] < self.quiet:
             s += 1
         return s
+
+
+@dataclass(frozen=True)
+class PlaceDecision:
+    """A placement move: `expert` of `layer` copied into `slot` (prefetch-class link traffic),
+    replacing `evicted` (None: a free slot); `benefit` the expected decode seconds it saves over
+    the victim, `transfer` the seconds of link time it costs."""
+
+    layer: int
+    expert: int
+    slot: int
+    evicted: tuple[int, int] | None
+    benefit: float
+    transfer: float
+
+    def key(self) -> tuple:
+        return (self.layer, self.expert, self.slot, self.evicted)
+
+
+def place(cache, costs, decode_tokens: float, mode: str = "hybrid") -> list[PlaceDecision]:
+    """Prompt-profiled placement (policy 'profiled'): close the prompt's profile and move experts
+    in where it pays. Call once between a prompt's prefill and its decode (the runtime's
+    `begin_decode`, the simulator's first decode step), with no layer pinned.
+
+    p[l, e] = the profile's per-token use probability (cache.end_profile); a decode token that
+    finds e resident saves s_l = cpu_time(l, 1) - gpu_time(l, 1) (cost model: the expert runs on
+    the GPU instead of the CPU). Value v(l, e) = p[l, e] * s_l per decode token. Per pool, the
+    non-resident experts by value (highest first) are paired with the free slots, then the
+    residents by value (lowest first); the i-th candidate c replaces the i-th victim v only when
+
+        decode_tokens * (v(c) - v(v)) > transfer_time(l_c)
+
+    (its expected decode benefit over the expected decode length beats its copy's link time);
+    the first pair that fails ends the pool's moves (later pairs gain less). Moves are returned
+    (and should be copied) layer by layer, the first decode layer first. Other policies, the
+    cpu-only schedule, no profile or no decode: none (the profile is still closed)."""
+    p = cache.end_profile()
+    if p is None or cache.policy != "profiled" or mode == "cpu-only" or decode_tokens <= 0:
+        return []
+    L = cache.n_layers
+    save = np.array([max(0.0, costs.cpu_time(lay, 1) - costs.gpu_time(lay, 1)) for lay in range(L)])
+    val = p * save[:, None]
+    pools: dict[int, list[int]] = {}
+    for lay in range(L):
+        pools.setdefault(cache._pool(lay), []).append(lay)
+    moves = []
+    for pool, layers in pools.items():
+        res = cache._res[pool]
+        cands = sorted(((lay, e) for lay in layers for e in range(cache.n_experts)
+                        if (lay, e) not in res and p[lay, e] > 0), key=lambda k: (-val[k], k))
+        victims: list = [None] * len(cache._free[pool])
+        victims += sorted((k for k in res if k not in cache._pinned), key=lambda k: (val[k], k))
+        for c, v in zip(cands, victims):
+            tr = costs.transfer_time(c[0])
+            gain = decode_tokens * (val[c] - (val[v] if v is not None else 0.0))
+            if not gain > tr:
+                break
+            moves.append((c, v, gain, tr))
+    moves.sort(key=lambda m: (m[0][0], -val[m[0]], m[0][1]))
+    out = []
+    for c, v, gain, tr in moves:
+        slot = cache.place_move(c[0], c[1], v)
+        out.append(PlaceDecision(c[0], c[1], slot, v, float(gain), float(tr)))
+    return out
 
 
 def release(cache, layer: int) -> None:

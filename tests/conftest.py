@@ -62,17 +62,29 @@ def tiny(tmp_path_factory):
     return m, store
 
 
-def replay_trace(rt, store, tr, hidden: int, seed: int = 0):
-    """Drive `rt` with a trace's routing: one token per step, every MoE layer in order, a fresh
-    random hidden state each call. Yields (layer, x, ids, w, y) after each layer call."""
+def replay_trace(rt, store, tr, hidden: int, seed: int = 0, chunk: int = 1):
+    """Drive `rt` with a trace's routing in the simulator's steps (hybrimoe.sim._steps): decode
+    tokens one per step, prefill tokens in chunks of `chunk` (one call of T tokens), every MoE
+    layer in order, a fresh random hidden state each call. A prefill after decode or of a new
+    sequence starts with rt.new_sequence() (a new prompt), a decode step with rt.next_step(), as
+    generate does (and as the simulator opens and closes a prompt's profile). Yields
+    (layer, x, ids, w, y) after each layer call."""
     import torch
 
+    from hybrimoe.sim import _steps
+    from hybrimoe.traces import PREFILL
+
     g = torch.Generator().manual_seed(seed)
-    for t in range(tr.n_tokens):
-        if t:
+    prev = None
+    for n, step in enumerate(_steps(tr, chunk, np.arange(tr.n_tokens))):
+        ph, sq = int(tr.phase[step[0]]), int(tr.seq[step[0]])
+        if ph == PREFILL and prev != (PREFILL, sq):
+            rt.new_sequence()
+        elif ph != PREFILL and n:
             rt.next_step()
+        prev = (ph, sq)
         for j, layer in enumerate(store.layers):
-            x = torch.randn(1, hidden, generator=g)
-            ids = torch.from_numpy(tr.expert_ids[t, j].astype(np.int64))[None]
-            w = torch.from_numpy(tr.scores[t, j].copy())[None]
-            yield layer, x, ids, w, rt.moe(layer, x, ids, w, torch.from_numpy(tr.score_matrix(slice(t, t + 1), j)))
+            x = torch.randn(len(step), hidden, generator=g)
+            ids = torch.from_numpy(tr.expert_ids[step, j].astype(np.int64))
+            w = torch.from_numpy(tr.scores[step, j].copy())
+            yield layer, x, ids, w, rt.moe(layer, x, ids, w, torch.from_numpy(tr.score_matrix(step, j)))

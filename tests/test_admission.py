@@ -211,7 +211,8 @@ def test_on_real_traces_bypass_is_not_worse_than_mrs_and_min_bounds_both(path, n
 # ------------------------------------------------------------------------------ runtime
 @pytest.mark.parametrize("mode", ["kt-static", "hybrid"])
 @pytest.mark.parametrize("cache", [2, "budget"])
-def test_runtime_runs_bypass_with_the_simulators_decisions(tiny, tmp_path, rng, mode, cache):
+@pytest.mark.parametrize("engine", ["python", "auto"])
+def test_runtime_runs_bypass_with_the_simulators_decisions(tiny, tmp_path, rng, mode, cache, engine):
     """Fill budgets that never bind (transfers cost ~nothing): the runtime, its GPU side emulated,
     makes the simulator's layer decisions and fills step by step, and its output is the reference."""
     from hybrimoe.reference import moe_routed
@@ -223,10 +224,14 @@ def test_runtime_runs_bypass_with_the_simulators_decisions(tiny, tmp_path, rng, 
     size = dict(gpu_budget=3 * nbytes) if cache == "budget" else dict(cache_size=cache)
     rt = HybridRuntime(store, RuntimeConfig(policy="bypass", schedule=mode, emulate_gpu=True, device="cpu",
                                             costs="paper-a6000", cache_dir=str(tmp_path), record_decisions=True,
-                                            **size))
+                                            engine=engine, **size))
+    from hybrimoe import engine as native
+
+    assert rt.engine == ("native" if engine == "auto" and native.available() else "python")
     costs = _costs(cpu=1e-3, transfer=1e-9, nbytes=nbytes)
     rt.set_costs(costs)
-    sim_cache = copy.deepcopy(rt.cache)
+    # the same starting residents and slots (a native runtime's cache started from a Python one)
+    sim_cache = copy.deepcopy(getattr(rt.cache, "origin", rt.cache))
     ys, refs = [], []
     for layer, x, ids, w, y in replay_trace(rt, store, tr, m.config.hidden):
         ref = moe_routed(x, ids, w, lambda e, layer=layer: tuple(

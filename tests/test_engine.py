@@ -20,7 +20,7 @@ from hybrimoe.cache import ExpertCache
 from hybrimoe.costs import CostModel, LayerCost
 from hybrimoe.prefetch import Prediction, Prefetcher
 from hybrimoe.scheduler import MODES
-from hybrimoe.step import decide, prefetch, release
+from hybrimoe.step import decide, fill, prefetch, release
 from hybrimoe.traces import load_trace
 
 pytestmark = pytest.mark.skipif(not engine.available(), reason="hybrimoe._cpu (with the engine) is not built")
@@ -84,6 +84,10 @@ def _drive(cache, costs, mode, routing, pf, horizon, with_scores):
                 idle = {t: 1.0 for t in preds}  # a free link: the choice and the cache decide
                 for pd in prefetch(cache, pf, j, preds, idle_before=idle):
                     log.append(("p", s, j, pd.order.layer, pd.order.expert, pd.order.gain, pd.slot, pd.evicted))
+            # admission policies: fills of CPU-run experts in an idle window of two transfers (step.fill
+            # drives the cache's reuse_score / wants_fill / admit(fill=True) on either side)
+            for fd in fill(cache, costs, d, idle_s=2.0 * costs.transfer_time(j)):
+                log.append(("f", s, j) + fd.key())
             release(cache, j)
     return log
 
@@ -102,6 +106,7 @@ def _compare(py_cache, nat_cache, costs, mode, routing, prefetch_size=0, with_sc
         assert py_cache.resident(j) == nat_cache.resident(j)
     np.testing.assert_array_equal(py_cache.scores, nat_cache.scores)  # bit-identical MRS scores
     np.testing.assert_array_equal(py_cache.freq, nat_cache.freq)
+    np.testing.assert_array_equal(py_cache.wfreq, nat_cache.wfreq) if py_cache.policy == "bypass" else None
     np.testing.assert_array_equal(py_cache.prefetch_used_by_layer, nat_cache.prefetch_used_by_layer)
     np.testing.assert_array_equal(py_cache.prefetch_wasted_by_layer, nat_cache.prefetch_wasted_by_layer)
     return a
@@ -112,7 +117,7 @@ def _pair(cache, costs):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("policy", ["mrs", "lru", "lfu", "static"])
+@pytest.mark.parametrize("policy", ["mrs", "lru", "lfu", "static", "bypass", "bypass-gated"])
 @pytest.mark.parametrize("pool", ["layer", "budget"])
 @pytest.mark.parametrize("prefetch_size", [0, 2])
 def test_random_routing_same_decisions(rng, mode, policy, pool, prefetch_size):
@@ -121,16 +126,21 @@ def test_random_routing_same_decisions(rng, mode, policy, pool, prefetch_size):
     costs = _costs(L, seed=int(rng.integers(1 << 30)))
     static = rng.integers(0, 50, size=(L, E)).astype(float) if policy == "static" else None
     size = dict(byte_budget=10 * 1000, expert_bytes=1000) if pool == "budget" else dict(capacity=[3, 5, 2, 4])
-    py, nat = _pair(ExpertCache(L, E, policy=policy, top_k=k, static_counts=static, **size), costs)
+    kw = dict(policy="bypass", gate_demand=True) if policy == "bypass-gated" else dict(policy=policy)
+    py, nat = _pair(ExpertCache(L, E, top_k=k, static_counts=static, **kw, **size), costs)
     log = _compare(py, nat, costs, mode, routing, prefetch_size)
     if mode == "hybrid":  # the comparison covered real work: loads and CPU experts both happened
         keys = [x[3] for x in log if x[0] == "d"]
         assert any(key[5][2] for key in keys) and (policy == "static" or any(key[7] for key in keys))
+    if policy.startswith("bypass") and mode in ("hybrid", "kt-static"):  # fills were among the decisions
+        assert any(x[0] == "f" for x in log) and py.fills > 0
+    if policy == "bypass-gated" and mode == "gpu-only":  # the demand gate declined loads on both sides
+        assert py.declined > 0 and nat.declined == py.declined
 
 
 @pytest.mark.parametrize("path,cap,mode", [(FLAME, 16, "hybrid"), (FLAME, 8, "gpu-only"), (FLAME, 16, "seed"),
                                            (MIXTRAL, 4, "hybrid"), (MIXTRAL, 2, "kt-static")])
-@pytest.mark.parametrize("policy", ["mrs", "lru", "lfu"])
+@pytest.mark.parametrize("policy", ["mrs", "lru", "lfu", "bypass"])
 def test_trace_replay_same_decisions(path, cap, mode, policy):
     if not path.is_file():
         pytest.skip(f"trace not found under {TRACES}")

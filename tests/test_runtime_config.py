@@ -73,20 +73,22 @@ def test_the_runtime_owns_its_step_counter(tiny):
 
 
 def test_engine_choice_for_a_policy_the_engine_does_not_run(tiny, tmp_path):
-    """bypass has only its Python implementation: 'auto' takes it in Python, 'native' refuses with a
-    line naming the policy and the engine's own."""
+    """profiled has only its Python implementation: 'auto' takes it in Python, 'native' refuses with a
+    line naming the policy and the engine's own (bypass, once Python-only too, now runs natively)."""
     from hybrimoe import engine as native_engine
 
     if not native_engine.available():
         pytest.skip("hybrimoe._cpu is not built with the decision engine")
     _, store = tiny
-    base = dict(policy="bypass", emulate_gpu=True, device="cpu", costs="paper-a6000", cache_dir=str(tmp_path),
+    base = dict(policy="profiled", emulate_gpu=True, device="cpu", costs="paper-a6000", cache_dir=str(tmp_path),
                 cache_size=2)
     rt = HybridRuntime(store, RuntimeConfig(engine="auto", **base))
     assert rt.engine == "python"
     rt.close()
-    with pytest.raises(HybrimoeError, match="engine 'native' runs the cache policies mrs, lru, lfu, static, not 'bypass'"):
+    with pytest.raises(HybrimoeError,
+                       match="engine 'native' runs the cache policies mrs, lru, lfu, static, bypass, not 'profiled'"):
         HybridRuntime(store, RuntimeConfig(engine="native", **base))
-    rt = HybridRuntime(store, RuntimeConfig(engine="auto", **dict(base, policy="lru")))
-    assert rt.engine == "native"
-    rt.close()
+    for pol in ("lru", "bypass"):
+        rt = HybridRuntime(store, RuntimeConfig(engine="auto", **dict(base, policy=pol)))
+        assert rt.engine == "native"
+        rt.close()

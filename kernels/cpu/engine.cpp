@@ -19,7 +19,7 @@ namespace py = pybind11;
 
 namespace {
 
-enum Policy { MRS = 0, LRU, LFU, STATIC };
+enum Policy { MRS = 0, LRU, LFU, STATIC, BYPASS };
 enum Mode { HYBRID = 0, KT_STATIC, GPU_ONLY, CPU_ONLY, SEED };
 
 struct LayerCosts {
@@ -30,10 +30,12 @@ struct LayerCosts {
 class Engine {
    public:
     Engine(int n_layers, int n_experts, int policy, bool shared, std::vector<int> capacity, double alpha, int top_p,
-           bool guard_prefetch)
+           bool guard_prefetch, double window = 16.0, bool gate_demand = false)
         : L_(n_layers), E_(n_experts), policy_(policy), shared_(shared), alpha_(alpha), top_p_(top_p),
-          guard_prefetch_(guard_prefetch) {
+          guard_prefetch_(guard_prefetch), window_(window), gate_demand_(gate_demand) {
         if (L_ <= 0 || E_ <= 0) throw std::invalid_argument("Engine: n_layers and n_experts must be > 0");
+        if (policy < MRS || policy > BYPASS) throw std::invalid_argument("Engine: unknown policy code");
+        if (!(window >= 1.0)) throw std::invalid_argument("Engine: window must be >= 1 step");
         const int n_pools = shared ? 1 : L_;
         if ((int)capacity.size() != n_pools) throw std::invalid_argument("Engine: one capacity per pool");
         const size_t K = (size_t)L_ * E_;
@@ -41,6 +43,7 @@ class Engine {
         last_.assign(K, 0);
         freq_.assign(K, 0);
         scores_.assign(K, 0.0);
+        wfreq_.assign(K, 0.0);
         pinned_.assign(K, 0);
         prefetched_.assign(K, 0);
         guard_.assign(K, 0);
@@ -139,11 +142,17 @@ class Engine {
 
     int access(int layer, const int64_t* ex, int n) {
         ++tick_;
+        if (policy_ == BYPASS) {  // windowed frequency F: decay per step of the layer, +1 per use
+            const double d = 1.0 - 1.0 / window_;
+            double* w = wfreq_.data() + (size_t)layer * E_;
+            for (int e = 0; e < E_; ++e) w[e] *= d;
+        }
         if (guard_n_) clear_guard(layer);
         int hits = 0;
         for (int i = 0; i < n; ++i) {
             const int64_t k = key(layer, (int)ex[i]);
             freq_[k] += 1;
+            wfreq_[k] += 1.0;
             if (slot_[k] < 0) {
                 ++misses_;
             } else {
@@ -161,8 +170,10 @@ class Engine {
         return hits;
     }
 
-    // (slot or -1, evicted key or -1)
-    std::pair<int, int64_t> admit(int layer, int e, bool prefetch, const int64_t* protect, int n_protect) {
+    // (slot or -1, evicted key or -1). fill: a copy in idle link time of an expert the layer ran
+    // on the CPU (bypass: gated, counted in fills_); demand loads are gated when gate_demand_.
+    std::pair<int, int64_t> admit(int layer, int e, bool prefetch, const int64_t* protect, int n_protect,
+                                  bool fill = false) {
         check(layer, e);
         const int64_t k = key(layer, e);
         if (slot_[k] >= 0) return {slot_[k], -1};
@@ -178,9 +189,15 @@ class Engine {
                 ++bypass_;
                 return {-1, -1};
             }
+            if (!prefetch && (fill || gate_demand_) && !admits(k, evicted)) {
+                ++bypass_;
+                ++declined_;
+                return {-1, -1};
+            }
             evict(p, evicted);
-        }
+        }  // (a free slot: the gate admits; cache.py's _admits(key, None))
         ++tick_;
+        if (fill) ++fills_;
         const int s = free_[p].back();
         free_[p].pop_back();
         slot_[k] = s;
@@ -195,6 +212,25 @@ class Engine {
             }
         }
         return {s, evicted};
+    }
+
+    // bypass's gate (cache.py _admits): a miss beats the victim on F; always for the others
+    bool admits(int64_t k, int64_t victim_key) const {
+        if (policy_ != BYPASS || victim_key < 0) return true;
+        return wfreq_[k] > wfreq_[victim_key];
+    }
+    double reuse_score(int layer, int e) const {
+        check(layer, e);
+        return policy_ == BYPASS ? wfreq_[key(layer, e)] : 0.0;
+    }
+    // cache.py wants_fill: would a fill of this (non-resident) expert be admitted now?
+    bool wants_fill(int layer, int e, const int64_t* protect, int n_protect) const {
+        check(layer, e);
+        if (policy_ != BYPASS || contains(layer, e)) return false;
+        const int p = pool(layer);
+        if (!free_[p].empty()) return true;
+        const int64_t v = victim(p, layer, protect, n_protect, true);
+        return v >= 0 && admits(key(layer, e), v);
     }
 
     void pin(int layer, const int64_t* ex, int n) {
@@ -411,6 +447,8 @@ class Engine {
         d["prefetch_used"] = prefetch_used_;
         d["prefetch_wasted"] = prefetch_wasted_;
         d["prefetch_pending"] = prefetched_n_;
+        d["declined"] = declined_;
+        d["fills"] = fills_;
         return d;
     }
     std::vector<int64_t> used_by_layer() const { return used_by_layer_; }
@@ -418,6 +456,11 @@ class Engine {
     py::array_t<double> scores() const {
         py::array_t<double> a({L_, E_});
         std::memcpy(a.mutable_data(), scores_.data(), scores_.size() * sizeof(double));
+        return a;
+    }
+    py::array_t<double> wfreq() const {
+        py::array_t<double> a({L_, E_});
+        std::memcpy(a.mutable_data(), wfreq_.data(), wfreq_.size() * sizeof(double));
         return a;
     }
     py::array_t<int64_t> freq() const {
@@ -432,11 +475,13 @@ class Engine {
     double alpha_;
     int top_p_;
     bool guard_prefetch_;
+    double window_;
+    bool gate_demand_;
     bool hot_ = false;
     int64_t tick_ = 0;
     std::vector<int> slot_;
     std::vector<int64_t> last_, freq_;
-    std::vector<double> scores_;
+    std::vector<double> scores_, wfreq_;
     std::vector<uint8_t> pinned_, prefetched_, guard_;
     int64_t guard_n_ = 0, prefetched_n_ = 0;
     std::vector<std::vector<int64_t>> order_;  // per pool: resident keys in the order they became resident
@@ -448,6 +493,7 @@ class Engine {
     };
     Seed seed_, pseed_;  // the plan's (seed_model) and the prefetcher's (scheduler.makespan's default)
     int64_t hits_ = 0, misses_ = 0, evictions_ = 0, bypass_ = 0, prefetch_used_ = 0, prefetch_wasted_ = 0;
+    int64_t declined_ = 0, fills_ = 0;
     std::vector<int64_t> used_by_layer_, wasted_by_layer_;
 
     int64_t key(int layer, int e) const { return (int64_t)layer * E_ + e; }
@@ -533,6 +579,7 @@ class Engine {
     bool less(int64_t a, int64_t b) const {  // policy key of a strictly below b's
         if (policy_ == LRU) return last_[a] < last_[b];
         if (policy_ == LFU) return freq_[a] != freq_[b] ? freq_[a] < freq_[b] : last_[a] < last_[b];
+        if (policy_ == BYPASS) return wfreq_[a] != wfreq_[b] ? wfreq_[a] < wfreq_[b] : last_[a] < last_[b];
         return scores_[a] != scores_[b] ? scores_[a] < scores_[b] : last_[a] < last_[b];
     }
 
@@ -657,9 +704,9 @@ const T* data_or_null(const py::object& o) {
 
 void register_engine(py::module_& m) {
     py::class_<Engine>(m, "Engine")
-        .def(py::init<int, int, int, bool, std::vector<int>, double, int, bool>(), py::arg("n_layers"),
+        .def(py::init<int, int, int, bool, std::vector<int>, double, int, bool, double, bool>(), py::arg("n_layers"),
              py::arg("n_experts"), py::arg("policy"), py::arg("shared"), py::arg("capacity"), py::arg("alpha"),
-             py::arg("top_p"), py::arg("guard_prefetch"))
+             py::arg("top_p"), py::arg("guard_prefetch"), py::arg("window") = 16.0, py::arg("gate_demand") = false)
         .def("load_state", &Engine::load_state)
         .def("set_costs", &Engine::set_costs)
         .def("set_seed", &Engine::set_seed)
@@ -675,10 +722,17 @@ void register_engine(py::module_& m) {
              [](Engine& g, int layer, py::array_t<int64_t, py::array::c_style | py::array::forcecast> ex) {
                  return g.access(layer, ex.data(), (int)ex.size());
              })
-        .def("admit",
-             [](Engine& g, int layer, int e, bool prefetch, py::array_t<int64_t, py::array::c_style | py::array::forcecast> p) {
-                 return g.admit(layer, e, prefetch, p.data(), (int)p.size());
+        .def(
+            "admit",
+            [](Engine& g, int layer, int e, bool prefetch, py::array_t<int64_t, py::array::c_style | py::array::forcecast> p,
+               bool fill) { return g.admit(layer, e, prefetch, p.data(), (int)p.size(), fill); },
+            py::arg("layer"), py::arg("expert"), py::arg("prefetch"), py::arg("protect"), py::arg("fill") = false)
+        .def("reuse_score", &Engine::reuse_score)
+        .def("wants_fill",
+             [](Engine& g, int layer, int e, py::array_t<int64_t, py::array::c_style | py::array::forcecast> p) {
+                 return g.wants_fill(layer, e, p.data(), (int)p.size());
              })
+        .def("wfreq", &Engine::wfreq)
         .def("pin",
              [](Engine& g, int layer, py::array_t<int64_t, py::array::c_style | py::array::forcecast> ex) {
                  g.pin(layer, ex.data(), (int)ex.size());
