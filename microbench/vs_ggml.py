@@ -10,13 +10,14 @@ kernel), and times them beside `hybrimoe.cpu.gemm` on the same raw GGUF blocks:
     name            shapes of DeepSeek-V2-Lite's expert / shared-expert matrices, Q4_K_M types
     cache           cold: copies rotated through > 2.5x the L3 (every call reads DRAM); hot: one copy
     median_us       ours; ggml_us: ggml's, both 1 thread, activations quantized inside the timed call
-    x_vs_ggml       ggml_us / median_us (> 1: ours faster)
+    x_vs_ggml       ggml_us / median_us (> 1: ours faster); ggml_8x8_us / x_vs_ggml_8x8: the repacked GEMV
     frac_of_read_bw our GB/s over a streaming read of the same bytes (cpu_kernels.py's ceiling)
     nmse_vs_ggml    ||ours - ggml||^2 / ||ggml||^2 (both quantize the activations to 8 bits)
 
-This is ggml's row-at-a-time kernel (`vec_dot`). llama.cpp's own inference on AVX2 repacks Q4_K
-weights 8 rows at a time at load (its `q4_K_8x8` GEMV), which this script does not drive: its
-whole-model figures are in vs_llamacpp.py. Without llama-cpp-python or a C compiler the script
+For Q4_K it also times the GEMV llama.cpp itself runs on AVX2: the weights repacked 8 rows at a time
+(`block_q4_Kx8`, repacked here in numpy from the layout of ggml's repack.cpp) through
+`ggml_gemv_q4_K_8x8_q8_K` (ggml_8x8_us, x_vs_ggml_8x8); its output is checked against ggml's row
+kernel first (nmse < 1e-6, else it is reported and not timed). Whole-model figures: vs_llamacpp.py. Without llama-cpp-python or a C compiler the script
 writes our rows alone, with the reason, and every x_vs_ggml empty (never a guessed figure).
 
     python microbench/vs_ggml.py --json out.json [--quick]
@@ -57,6 +58,12 @@ _SHIM = r"""
 #include <stdint.h>
 typedef void (*vec_dot_t)(int, float *, size_t, const void *, size_t, const void *, size_t, int);
 typedef void (*from_float_t)(const float *, void *, int64_t);
+typedef void (*gemv8_t)(int, float *, size_t, const void *, const void *, int, int);
+/* ggml's repacked Q4_K GEMV (8 interleaved rows, block_q4_Kx8): the activation quantized once, one call */
+void hm_gemv8(void *gemv, void *from_float, int rows, int cols, const void *w8, const float *x, void *xq, float *y) {
+    ((from_float_t)from_float)(x, xq, cols);
+    ((gemv8_t)gemv)(cols, y, rows, w8, xq, 1, rows);
+}
 /* y[r] = dot(row r of w, x) for every row: the activation quantized once, then ggml's vec_dot per row */
 void hm_gemv(void *vec_dot, void *from_float, int rows, int cols, const unsigned char *w, size_t rb,
              const float *x, void *xq, float *y) {
@@ -64,6 +71,36 @@ void hm_gemv(void *vec_dot, void *from_float, int rows, int cols, const unsigned
     for (int r = 0; r < rows; ++r) ((vec_dot_t)vec_dot)(cols, y + r, 0, w + (size_t)r * rb, 0, xq, 0, 1);
 }
 """
+
+
+def repack_q4_k_8x8(data: np.ndarray) -> np.ndarray:
+    """Q4_K rows (rows, nb * 144) -> ggml's block_q4_Kx8 layout (rows / 8 groups x nb blocks of 1152
+    bytes): per group of 8 rows and block column, the 8 d then the 8 dmin (fp16), 96 bytes of the 8
+    rows' scales and mins re-packed 6-bit in ggml's order, then the quants 8 bytes from each row in
+    turn. Written from the layout facts of ggml's repack.cpp (make_block_q4_Kx8, interleave 8)."""
+    rows, rb = data.shape
+    nb = rb // 144
+    b = data.reshape(rows // 8, 8, nb, 144).transpose(0, 2, 1, 3)  # (group, block, row j, 144)
+    out = np.empty((rows // 8, nb, 1152), np.uint8)
+    out[..., 0:16] = b[..., 0:2].reshape(rows // 8, nb, 16)
+    out[..., 16:32] = b[..., 2:4].reshape(rows // 8, nb, 16)
+    sc = b[..., 4:16].astype(np.uint16)  # (g, x, j, 12)
+    qs = b[..., 16:144].reshape(rows // 8, nb, 8, 16, 8)  # (g, x, row, chunk, byte)
+    out[..., 128:] = qs.transpose(0, 1, 3, 2, 4).reshape(rows // 8, nb, 1024)
+
+    def pack(s, m):  # s, m: (g, x, 8 rows) 6-bit -> 12 bytes
+        o = np.empty(s.shape[:2] + (12,), np.uint16)
+        o[..., 0:4] = (s[..., 0:4] & 63) + ((s[..., 4:8] & 48) << 2)
+        o[..., 4:8] = (m[..., 0:4] & 63) + ((m[..., 4:8] & 48) << 2)
+        o[..., 8:12] = (s[..., 4:8] & 15) + ((m[..., 4:8] & 15) << 4)
+        return o.astype(np.uint8)
+
+    for i in range(4):
+        out[..., 32 + 12 * i:44 + 12 * i] = pack(sc[..., i] & 63, sc[..., i + 4] & 63)
+        s2 = ((sc[..., i] & 192) >> 2) | (sc[..., i + 8] & 15)
+        m2 = ((sc[..., i + 4] & 192) >> 2) | ((sc[..., i + 8] & 240) >> 4)
+        out[..., 80 + 12 * i:92 + 12 * i] = pack(s2, m2)
+    return out.reshape(rows // 8, nb * 1152)
 
 
 class _Traits(ctypes.Structure):
@@ -112,6 +149,11 @@ def load_ggml():
                 return None, f"building the shim failed: {r.stderr.strip()[:200]}"
             os.replace(so + ".tmp", so)
     shim = ctypes.CDLL(so)
+    gemv8_fn = ctypes.cast(getattr(g, "ggml_gemv_q4_K_8x8_q8_K", None), ctypes.c_void_p).value \
+        if hasattr(g, "ggml_gemv_q4_K_8x8_q8_K") else None
+    shim.hm_gemv8.restype = None
+    shim.hm_gemv8.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     shim.hm_gemv.restype = None
     shim.hm_gemv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                              ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
@@ -127,6 +169,15 @@ def load_ggml():
         shim.hm_gemv(vd, ff, rows, cols, qt.data.ctypes.data, qt.data.strides[0], x.ctypes.data, xq.ctypes.data,
                      y.ctypes.data)
 
+    def gemv8(w8: np.ndarray, rows: int, cols: int, x: np.ndarray, y: np.ndarray) -> None:
+        be, bb = ACT_BLOCK[Q.Q8_K]
+        xq = bufs.get((be, cols))
+        if xq is None:
+            xq = bufs[(be, cols)] = np.zeros(cols // be * bb + 64, np.uint8)
+        shim.hm_gemv8(gemv8_fn, traits[Q.Q4_K][1], rows, cols, w8.ctypes.data, x.ctypes.data, xq.ctypes.data,
+                      y.ctypes.data)
+
+    gemv.repacked = gemv8 if gemv8_fn else None
     return gemv, getattr(llama_cpp, "__version__", "?")
 
 
@@ -159,12 +210,27 @@ def main(argv=None) -> int:
             gemv(base, x, y_g)
             ours = cpu.gemm(prepared[0], xt).numpy().ravel()
             nm = float(np.sum((ours.astype(np.float64) - y_g) ** 2) / np.sum(y_g.astype(np.float64) ** 2))
+        # ggml's repacked Q4_K GEMV (what llama.cpp runs on AVX2), checked against its row kernel first
+        w8s, nm8 = None, None
+        if gemv is not None and gemv.repacked is not None and qtype == Q.Q4_K and rows % 8 == 0:
+            w8s = [repack_q4_k_8x8(np.asarray(q.data)) for q in copies]
+            y8 = np.empty(rows, np.float32)
+            gemv.repacked(w8s[0], rows, cols, x, y8)
+            nm8 = float(np.sum((y8.astype(np.float64) - y_g) ** 2) / np.sum(y_g.astype(np.float64) ** 2))
+            if not nm8 < 1e-6:  # not the layout ggml reads: say so, time nothing
+                print(f"# {name}: ggml's repacked GEMV disagrees with its row kernel (nmse {nm8:.2e}): not timed")
+                w8s = None
         for cold in (True, False):
             ps, qs = (prepared, copies) if cold else (prepared[:1], copies[:1])
             med, _, _ = timeit([lambda p=p: cpu.gemm(p, xt, out=out) for p in ps], budget)
             g_med = None
             if gemv is not None:
                 g_med, _, _ = timeit([lambda q=q: gemv(q, x, y_g) for q in qs], budget)
+            g8 = None
+            if w8s is not None:
+                y8 = np.empty(rows, np.float32)
+                g8, _, _ = timeit([lambda w=w: gemv.repacked(w, rows, cols, x, y8) for w in (w8s if cold else w8s[:1])],
+                                  budget)
             gbps = base.nbytes / med / 1e3
             rbw = read_gbps(base.nbytes, 1, cold, budget / 2)
             row = dict(name=name, shape=[rows, cols], qtype=F.qtype_name(qtype), tokens=1, threads=1,
@@ -172,14 +238,16 @@ def main(argv=None) -> int:
                        ggml_us=None if g_med is None else round(g_med, 2),
                        x_vs_ggml=None if g_med is None else round(g_med / med, 3),
                        gbps=round(gbps, 3), read_gbps=round(rbw, 3), frac_of_read_bw=round(gbps / rbw, 3),
-                       nmse_vs_ggml=None if nm is None else float(f"{nm:.3g}"), weight_bytes=base.nbytes)
+                       nmse_vs_ggml=None if nm is None else float(f"{nm:.3g}"), weight_bytes=base.nbytes,
+                       ggml_8x8_us=None if g8 is None else round(g8, 2),
+                       x_vs_ggml_8x8=None if g8 is None else round(g8 / med, 3))
             rows_out.append(row)
             print(f"{name:26s} {row['qtype']:5s} {row['cache']:4s} ours {med:9.1f} us  ggml "
                   f"{'-' if g_med is None else f'{g_med:9.1f}'} us  x{row['x_vs_ggml']}  "
                   f"{row['frac_of_read_bw']:.2f} of read", flush=True)
     cpu.set_num_threads(cpu.physical_cores())
-    print_table(rows_out, ["name", "qtype", "cache", "median_us", "ggml_us", "x_vs_ggml", "frac_of_read_bw",
-                           "nmse_vs_ggml"])
+    print_table(rows_out, ["name", "qtype", "cache", "median_us", "ggml_us", "x_vs_ggml", "ggml_8x8_us",
+                           "x_vs_ggml_8x8", "frac_of_read_bw", "nmse_vs_ggml"])
     write_results("vs_ggml", rows_out, args.json, quick=args.quick, ggml=ver if gemv is not None else None,
                   note=note, cpu_tier=cpu.tier())
     return 0
