@@ -99,6 +99,49 @@ class CpuSide:
             out.index_add_(0, t, torch.as_tensor(w, dtype=torch.float32)[:, None] * y)
         return _SyncResult(out)
 
+    def submit_one_token(self, layer: int, x: torch.Tensor, experts, weights, extra=None):
+        """The one-token job of a host-only step, built without the per-call checks of
+        hybrimoe.cpu.moe_ffn: x (1, H) float32 contiguous; experts ascending (the job's order, as
+        the plan gives it at one token), weights float32 in the same order; extra: (PreparedExpert,
+        (1,) weight) appended last. The rows come from a per-layer table of the experts' checked
+        pointers (the PreparedExpert of each, made once); only the weight pointers change per call.
+        Returns a handle like submit, or None where this path does not apply (no extension)."""
+        if self.cpu is None or not self.synchronous or x.dtype != torch.float32 or not x.is_contiguous():
+            return None
+        import numpy as np
+
+        tab = self._views.get(("table", layer))
+        if tab is None:
+            n = self.store.config.n_experts
+            tab = np.zeros((n, 11), np.int64)
+            self._one_tok = getattr(self, "_one_tok", None)
+            if self._one_tok is None:
+                self._one_tok = np.zeros(1, np.int64)  # token 0, for every expert of a one-token job
+            for e in range(n):
+                tab[e, :7] = self.host_weights(layer, e).ptrs
+            tab[:, 7] = self._one_tok.ctypes.data
+            tab[:, 8] = 1  # n_tok
+            tab[:, 9] = 1  # tok64
+            self._views[("table", layer)] = tab
+        k = len(experts)
+        rows = np.empty((k + (extra is not None), 11), np.int64)
+        rows[:k] = tab[experts]
+        wbuf = np.empty(len(rows), np.float32)
+        wbuf[:k] = weights
+        if extra is not None:
+            px = extra[0]
+            if px.hidden != x.shape[1]:
+                return None
+            rows[k, :7] = px.ptrs
+            rows[k, 7:10] = (self._one_tok.ctypes.data, 1, 1)
+            wbuf[k] = float(np.asarray(extra[1]).reshape(-1)[0])
+        rows[:, 10] = wbuf.ctypes.data + 4 * np.arange(len(rows), dtype=np.int64)
+        desc = rows.view(self.cpu.JOB_EXPERT_DTYPE).reshape(len(rows))
+        out = torch.zeros(1, x.shape[1], dtype=torch.float32)
+        self.cpu._ext().moe_ffn(x.data_ptr(), False, 1, x.shape[1], out.data_ptr(), desc)
+        del wbuf, rows  # alive until the call returned
+        return _SyncResult(out)
+
     def out_buffer(self, T: int, H: int) -> torch.Tensor:
         """Zeroed pinned (T, H) float32 buffer for the CPU experts' output on CUDA: moe_end copies it
         to the device without a host sync. One buffer (grown by doubling) serves every layer; before

@@ -489,6 +489,19 @@ class HybridRuntime:
         w_np = w.detach().to("cpu", torch.float32).numpy()
         t_routed = time.perf_counter()
         st.sync_s += t_routed - t_start
+        if T_ == 1 and ids_np.shape[1] == len(set(ids_np[0].tolist())):  # decode: k distinct experts, a token each
+            order = np.argsort(ids_np[0], kind="stable")
+            experts = ids_np[0][order]
+            x_host = x.detach().to("cpu", torch.float32).contiguous()
+            t_cpu0 = time.perf_counter()
+            fut = self.cpu_side.submit_one_token(layer, x_host, experts, w_np[0][order], extra)
+            if fut is not None:
+                st.plan_s += t_cpu0 - t_routed
+                st.misses += len(experts)
+                st.on_cpu += len(experts)
+                st.tokens_cpu += len(experts)
+                t_gpu = time.perf_counter()
+                return _Pending(layer, i, x, fut, None, None, t_start, t_cpu0, t_gpu, t_gpu)
         counts = np.bincount(ids_np.ravel(), minlength=self.n_experts)
         experts = np.flatnonzero(counts)
         counts = counts[experts]
