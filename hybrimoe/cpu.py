@@ -346,6 +346,24 @@ def moe_ffn(x, experts: Sequence, token_ids: Sequence, weights: Sequence, out=No
     return oh
 
 
+def moe_ffn_table(x, desc: np.ndarray, out):
+    """`moe_ffn` on a job the caller built itself: desc, a C-contiguous JOB_EXPERT_DTYPE array whose
+    pointers (weights from PreparedExpert.ptrs, token ids int64, routing weights float32) the caller
+    checked and keeps alive for the call; x (T, H) float32 contiguous CPU tensor; out (T, H) float32
+    contiguous, accumulated into. The runtime's one-token host step uses it (the per-call checks of
+    moe_ffn cost more than a decode job's bookkeeping should); token ids are still range-checked in
+    the job."""
+    if not (_is_torch(x) and x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous()):
+        raise KernelInputError(_fmt("x", "must be a contiguous (T, H) float32 tensor", "float32 (T, H)",
+                                    f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}"))
+    if desc.dtype != JOB_EXPERT_DTYPE or desc.ndim != 1 or not desc.flags.c_contiguous:
+        raise KernelInputError(_fmt("desc", "must be a 1-D C-contiguous JOB_EXPERT_DTYPE array", "JOB_EXPERT_DTYPE",
+                                    f"{desc.dtype} {desc.shape}"))
+    _, op = _out(out, True, tuple(x.shape))
+    _ext().moe_ffn(x.data_ptr(), False, x.shape[0], x.shape[1], op, desc)
+    return out
+
+
 class MoEHandle:
     """Result of `moe_ffn_submit`. wait() blocks (GIL released) until the job is done and returns
     the output, or raises the error the job hit (e.g. a token id out of range)."""

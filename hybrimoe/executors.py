@@ -138,7 +138,7 @@ class CpuSide:
         rows[:, 10] = wbuf.ctypes.data + 4 * np.arange(len(rows), dtype=np.int64)
         desc = rows.view(self.cpu.JOB_EXPERT_DTYPE).reshape(len(rows))
         out = torch.zeros(1, x.shape[1], dtype=torch.float32)
-        self.cpu._ext().moe_ffn(x.data_ptr(), False, 1, x.shape[1], out.data_ptr(), desc)
+        self.cpu.moe_ffn_table(x, desc, out)
         del wbuf, rows  # alive until the call returned
         return _SyncResult(out)
 

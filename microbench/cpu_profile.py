@@ -152,6 +152,7 @@ def main(argv=None) -> int:
     prof = Profiler(model)
     # router and moe_begin/moe_end, timed by wrapping the functions the layer calls
     route0, begin0, end0, submit0 = layer_mod.reference.route, rt.moe_begin, rt.moe_end, rt.cpu_side.submit
+    one0 = rt.cpu_side.submit_one_token
 
     def timed(fn, part):
         def f(*a, **k):
@@ -167,6 +168,7 @@ def main(argv=None) -> int:
     rt.moe_begin, rt.moe_end = timed(begin0, "moe_begin"), timed(end0, "moe job")
     # the job's submit (on a host without a GPU: the whole job, run by the calling thread)
     rt.cpu_side.submit = timed(submit0, "moe submit")
+    rt.cpu_side.submit_one_token = timed(one0, "moe submit")  # the one-token decode job (its own path)
     tok_t = []
 
     def on_token(new):
@@ -179,6 +181,7 @@ def main(argv=None) -> int:
     finally:
         layer_mod.reference.route = route0
         rt.moe_begin, rt.moe_end, rt.cpu_side.submit = begin0, end0, submit0
+        rt.cpu_side.submit_one_token = one0
         prof.remove()
     n_tok = len(new) - 1
     token_s = (tok_t[-1] - tok_t[0]) / n_tok

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,6 +97,15 @@ class _FailingCPU:
 
     def moe_ffn(self, x, experts, toks, ws, out=None):  # cpu-only: the job runs on the calling thread
         return self._real.moe_ffn(x, experts, self._inject(x, toks), ws, out=out)
+
+    def moe_ffn_table(self, x, desc, out):  # cpu-only decode: the one-token job from the layer's table
+        self.calls += 1
+        if self.calls == self._at:
+            bad = np.array([x.shape[0] + 7], np.int64)  # bad input injected into this layer's job
+            desc = desc.copy()
+            desc["tok"][0] = bad.ctypes.data
+            return self._real.moe_ffn_table(x, desc, out)
+        return self._real.moe_ffn_table(x, desc, out)
 
 
 def _after_fault_refuses(model, rt):
