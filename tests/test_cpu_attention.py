@@ -137,3 +137,16 @@ def test_native_rms_norm_modules_match_their_own_forward(preset, tmp_path):
         torch.testing.assert_close(m(x), type(m).forward(m, x), atol=1e-5, rtol=1e-5)
         xb = x.bfloat16()
         assert torch.equal(m(xb), type(m).forward(m, xb))
+
+
+def test_moe_ffn_table_rejects_bad_input_by_name():
+    import numpy as np
+
+    x = torch.zeros(1, 8)
+    desc = np.zeros(1, cpu.JOB_EXPERT_DTYPE)
+    with pytest.raises(KernelInputError, match="x"):
+        cpu.moe_ffn_table(x.double(), desc, torch.zeros(1, 8))
+    with pytest.raises(KernelInputError, match="desc"):
+        cpu.moe_ffn_table(x, np.zeros((1, 11), np.int64), torch.zeros(1, 8))
+    with pytest.raises(KernelInputError, match="out"):
+        cpu.moe_ffn_table(x, desc, torch.zeros(2, 8))
