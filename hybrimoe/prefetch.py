@@ -119,6 +119,19 @@ class Prefetcher:
         self._memo: dict[tuple, float] = {}  # (layer or 0, resident counts, other counts) -> makespan
         self._memo_costs, self._memo_mode = None, None  # what the memo was filled under
 
+    def _saved(self, tl: int, n: int, hits: dict, rest: dict, base: dict, saved: dict) -> float:
+        """Time layer tl saves when one of its not-resident experts with n tokens becomes resident
+        (makespan before - after), memoised per (layer, count) in `saved`, the layer's current
+        makespan in `base` (both reset by the caller when the layer gets a pick)."""
+        d = saved.get((tl, n))
+        if d is None:
+            if tl not in base:
+                base[tl] = self._makespan(tl, hits[tl], rest[tl])
+            r = list(rest[tl])
+            r.remove(n)
+            d = saved[(tl, n)] = base[tl] - self._makespan(tl, hits[tl] + [n], r)
+        return d
+
     def _makespan(self, layer: int, resident: list[int], other: list[int]) -> float:
         """scheduler.makespan, memoised: at decode every count is 1, so the same few (resident,
         other) splits recur at every layer and step."""
@@ -180,13 +193,7 @@ class Prefetcher:
             cands = [c for c in cands if used + self.costs.transfer_time(c[0]) <= idle_before.get(c[0], 0.0)]
             best = None
             for tl, e, pr, n in cands:
-                d = saved.get((tl, n))
-                if d is None:
-                    if tl not in base:
-                        base[tl] = self._makespan(tl, hits[tl], rest[tl])
-                    r = list(rest[tl])
-                    r.remove(n)
-                    d = saved[(tl, n)] = base[tl] - self._makespan(tl, hits[tl] + [n], r)
+                d = self._saved(tl, n, hits, rest, base, saved)
                 g = pr * d
                 if best is None or g > best[0]:
                     best = (g, tl, e, pr, n)
@@ -285,13 +292,7 @@ class Prefetcher:
                 loss = victim_loss(tl)
                 if loss is None:  # nothing the admission may evict
                     continue
-                sv = saved.get((tl, n))
-                if sv is None:
-                    if tl not in base:
-                        base[tl] = self._makespan(tl, hits[tl], rest[tl])
-                    r = list(rest[tl])
-                    r.remove(n)
-                    sv = saved[(tl, n)] = base[tl] - self._makespan(tl, hits[tl] + [n], r)
+                sv = self._saved(tl, n, hits, rest, base, saved)
                 tr = self.costs.transfer_time(tl)
                 over = max(0.0, used + tr - idle_before[tl])
                 net = pr * sv - loss - over * (pr + r_next)
