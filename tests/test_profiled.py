@@ -7,6 +7,7 @@ generate's chat path opens a new profile for every turn from that turn's tokens.
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -113,9 +114,11 @@ def test_place_moves_exactly_when_the_benefit_beats_the_copy(rng, n_free):
             if dv <= 0:
                 break
             n_star = costs.transfer_time(0) / dv  # the decode length where pair i starts to pay
-            for n, want in ((n_star * 0.999, i), (n_star * 1.001, i + 1)):
-                # moves wanted: every earlier pair pays too (their differences are larger)
-                want_moves = sum(1 for dd in diffs[:want] if n * dd > costs.transfer_time(0))
+            for n in (n_star * 0.999, n_star * 1.001):
+                # moves wanted: the pairs, in order, while each pays (differences never grow along
+                # the pairs; a later pair with the same difference as pair i pays exactly when it does)
+                want_moves = sum(1 for _ in itertools.takewhile(lambda dd: n * dd > costs.transfer_time(0), diffs))
+                assert want_moves >= (i + 1 if n > n_star else 0)
                 c = copy.deepcopy(c0)
                 mv = place(c, costs, n)
                 assert len(mv) == want_moves, (n, diffs, [m.key() for m in mv])
