@@ -46,10 +46,15 @@ def summary(rt) -> dict:
         for f in dataclasses.fields(LayerStats):
             setattr(tot, f.name, getattr(tot, f.name) + getattr(s, f.name))
     cs = rt.cache.stats()
+    if rt.gpu_enabled:
+        hits, misses, hit_rate = cs["hits"], cs["misses"], cs["hit_rate"]
+    else:  # no GPU side: the host-only step never consults the (0-slot) cache; the layers count
+        hits, misses = tot.hits, tot.misses
+        hit_rate = hits / (hits + misses) if hits + misses else 0.0
     out = {
         "device": str(rt.device) + ("" if rt.gpu_real else (" (emulated gpu)" if rt.gpu_enabled else "")),
         "schedule": rt.schedule, "engine": rt.engine, "policy": rt.config.policy, "cpu_tier": rt.cpu_tier(),
-        "hit_rate": cs["hit_rate"], "hits": cs["hits"], "misses": cs["misses"], "evictions": cs["evictions"],
+        "hit_rate": hit_rate, "hits": hits, "misses": misses, "evictions": cs["evictions"],
         "experts_gpu": tot.on_gpu, "experts_cpu": tot.on_cpu, "pairs_gpu": tot.tokens_gpu,
         "pairs_cpu": tot.tokens_cpu, "pcie_bytes": rt.transfers.stats.bytes,
         "demand_loads": rt.transfers.stats.demand_loads, "prefetch_loads": rt.transfers.stats.prefetch_loads,

@@ -161,9 +161,13 @@ def test_host_only_fast_path_equals_the_full_decision_path(tmp_path, T):
         outs.append(ys)
         stats.append({k: (v["misses"], v["on_cpu"], v["tokens_cpu"], v["hits"], v["steps"])
                       for k, v in layer_stats(rt).items()})
+        sm = rt.summary()
+        stats[-1]["summary"] = (sm["hits"], sm["misses"], sm["hit_rate"])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
     assert stats[0] == stats[1]
+    summary = stats[0].pop("summary")
+    assert summary == (0, sum(s[0] for s in stats[0].values()), 0.0)  # every activated expert a miss
     assert all(s[0] > 0 and s[3] == 0 for s in stats[0].values())
 
 
