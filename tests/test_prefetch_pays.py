@@ -76,7 +76,13 @@ def test_pays_picks_the_best_net_gain_only_when_positive(rng, trial):
     # direct computation
     protect = {(2, int(e)) for e in ex}
     v = cache._victim(2, protect, demand=False)
-    loss = cache.freq[v] / cache._seen[2] * (costs.cpu_time(2, 1) - costs.gpu_time(2, 1))
+    if cache.n_resident(2) < cap:  # a free slot: the prefetch evicts nothing
+        loss = 0.0
+    elif v is None:  # every resident is predicted (protected): nothing may be evicted, nothing prefetched
+        assert pf.choose(0, pred, cache, idle_before=idle) == []
+        return
+    else:
+        loss = cache.freq[v] / cache._seen[2] * (costs.cpu_time(2, 1) - costs.gpu_time(2, 1))
     res = [int(e) for e in ex if cache.contains(2, int(e))]
     hit_c = [int(n) for e, n in zip(ex, cnt) if cache.contains(2, int(e))]
     rest_c = [int(n) for e, n in zip(ex, cnt) if not cache.contains(2, int(e))]
@@ -107,10 +113,6 @@ def test_runtime_prefetches_as_the_simulator(tiny, tmp_path, rng):
     m, store = tiny
     L, E, k = len(store.layers), m.config.n_experts, m.config.top_k
     n = 30
-    ids = np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(L)]) for _ in range(n)])
-    sc = np.sort(rng.dirichlet(np.ones(k), size=(n, L)), -1)[..., ::-1].astype(np.float32)
-    tr = Trace(ids.astype(np.int16), sc.copy(), np.full(n, DECODE, np.uint8), np.zeros(n, np.int32),
-               np.arange(L, dtype=np.int16), E, "random")
     nbytes = store.layout(store.layers[0]).nbytes
     rt = HybridRuntime(store, RuntimeConfig(cache_size=2, policy="lru", prefetch_size=2, prefetch_mode="pays",
                                             emulate_gpu=True, device="cpu", costs="paper-a6000",
@@ -118,8 +120,25 @@ def test_runtime_prefetches_as_the_simulator(tiny, tmp_path, rng):
     assert rt.engine == "python" and rt.prefetcher.prefetch_mode == "pays"
     costs = _costs(cpu=1e-3, transfer=1e-9, nbytes=nbytes)
     rt.set_costs(costs)
-    sim_cache = copy.deepcopy(rt.cache)
-    seed = int(rng.integers(1 << 30))
+    from hybrimoe.prefetch import Prefetcher as P
+
+    # a random routing whose simulation prefetches at least once (some draws never pay, and a
+    # comparison without prefetches would check nothing of them): redraw until one does
+    for _ in range(50):
+        ids = np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(L)]) for _ in range(n)])
+        sc = np.sort(rng.dirichlet(np.ones(k), size=(n, L)), -1)[..., ::-1].astype(np.float32)
+        tr = Trace(ids.astype(np.int16), sc.copy(), np.full(n, DECODE, np.uint8), np.zeros(n, np.int32),
+                   np.arange(L, dtype=np.int16), E, "random")
+        seed = int(rng.integers(1 << 30))
+        sim_cache = copy.deepcopy(rt.cache)
+        pf = P(costs, 2, 3, "hybrid", prefetch_mode="pays")
+        res = simulate(tr, sim_cache, costs, "hybrid", pf, DegradedPredictor(tr, 0.6, seed), log=True)
+        sim = []
+        for r in res.layer_log:
+            sim.append(("d", r["decision"].key()))
+            sim += [("p", p.order.layer, p.order.expert, p.slot, p.evicted) for p in r["prefetches"]]
+        if any(x[0] == "p" for x in sim):
+            break
     rt_pred = DegradedPredictor(tr, 0.6, seed)
     calls = [0]
 
@@ -132,14 +151,6 @@ def test_runtime_prefetches_as_the_simulator(tiny, tmp_path, rng):
     rt._predictions = predictions
     for _ in replay_trace(rt, store, tr, m.config.hidden):
         pass
-    from hybrimoe.prefetch import Prefetcher as P
-
-    pf = P(costs, 2, 3, "hybrid", prefetch_mode="pays")
-    res = simulate(tr, sim_cache, costs, "hybrid", pf, DegradedPredictor(tr, 0.6, seed), log=True)
-    sim = []
-    for r in res.layer_log:
-        sim.append(("d", r["decision"].key()))
-        sim += [("p", p.order.layer, p.order.expert, p.slot, p.evicted) for p in r["prefetches"]]
     got = [("d", d.key()) if isinstance(d, LayerDecision) else ("p", d.order.layer, d.order.expert, d.slot, d.evicted)
            for _, d in rt.decisions if isinstance(d, (LayerDecision, PrefetchDecision))]
     assert len(got) == len(sim)
