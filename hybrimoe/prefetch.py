@@ -119,6 +119,27 @@ class Prefetcher:
         self._memo: dict[tuple, float] = {}  # (layer or 0, resident counts, other counts) -> makespan
         self._memo_costs, self._memo_mode = None, None  # what the memo was filled under
 
+    @staticmethod
+    def _split(layer: int, predictions: dict, cache, prob) -> tuple[dict, dict, dict]:
+        """Per target layer tl of `predictions`: the token counts of its predicted experts that are
+        resident (hits) and not (rest), and its candidates (tl, expert, prob(tl, tl - layer, p), count)
+        for the not-resident ones whose probability is > 0, in prediction order."""
+        hits: dict[int, list[int]] = {}
+        rest: dict[int, list[int]] = {}
+        cands: dict[int, list] = {}
+        for tl, p in predictions.items():
+            h, r, c = hits[tl], rest[tl], cands[tl] = [], [], []
+            for e, pr, n in zip(np.asarray(p.experts).tolist(), np.asarray(p.prob).tolist(),
+                                np.asarray(p.counts).tolist()):
+                if cache.contains(tl, e):
+                    h.append(n)
+                else:
+                    r.append(n)
+                    q = prob(tl, tl - layer, pr)
+                    if q > 0:
+                        c.append((tl, e, q, n))
+        return hits, rest, cands
+
     def _saved(self, tl: int, n: int, hits: dict, rest: dict, base: dict, saved: dict) -> float:
         """Time layer tl saves when one of its not-resident experts with n tokens becomes resident
         (makespan before - after), memoised per (layer, count) in `saved`, the layer's current
@@ -161,25 +182,14 @@ class Prefetcher:
         used = 0.0
         # per target layer: token counts of its predicted experts that are resident / not, and the
         # candidates (predicted, not resident, admissible) as (layer, expert, prob, count)
-        hits: dict[int, list[int]] = {}
-        rest: dict[int, list[int]] = {}
         cands = []
-        for tl, p in predictions.items():
-            if not 1 <= tl - layer <= self.horizon or idle_before.get(tl, 0.0) < self.costs.transfer_time(tl):
-                continue  # no prefetch for it fits in the link's idle time
-            h, r = hits[tl], rest[tl] = [], []
-            layer_cands = []
-            for e, pr, n in zip(np.asarray(p.experts).tolist(), np.asarray(p.prob).tolist(),
-                                np.asarray(p.counts).tolist()):
-                if cache.contains(tl, e):
-                    h.append(n)
-                else:
-                    r.append(n)
-                    if pr > 0:
-                        layer_cands.append((tl, e, pr, n))
+        fits = {tl: p for tl, p in predictions.items()  # those a prefetch fits in the link's idle time for
+                if 1 <= tl - layer <= self.horizon and idle_before.get(tl, 0.0) >= self.costs.transfer_time(tl)}
+        hits, rest, per_layer = self._split(layer, fits, cache, lambda tl, d, pr: pr)
+        for tl, layer_cands in per_layer.items():
             # admit() would place any of them iff the pool has a free slot or an evictable expert;
             # the protected set (this layer's predicted experts) is the same for all
-            if layer_cands and cache.can_admit(tl, layer_cands[0][1], protect=p.experts):
+            if layer_cands and cache.can_admit(tl, layer_cands[0][1], protect=fits[tl].experts):
                 cands += layer_cands
         out: list[PrefetchOrder] = []
         base: dict[int, float] = {}  # target layer -> makespan with the experts chosen so far
@@ -248,25 +258,11 @@ class Prefetcher:
     def _choose_pays(self, layer: int, predictions: Mapping[int, Prediction], cache, idle_before) -> list[PrefetchOrder]:
         """Mode 'pays' (module docstring): greedy by net gain, each pick only when net > 0."""
         used = 0.0
-        hits: dict[int, list[int]] = {}
-        rest: dict[int, list[int]] = {}
-        cands = []  # (layer, expert, calibrated prob, count)
-        protect: dict[int, np.ndarray] = {}
-        for tl, p in predictions.items():
-            d = tl - layer
-            if not 1 <= d <= self.horizon or idle_before.get(tl, 0.0) <= 0.0:
-                continue
-            h, r = hits[tl], rest[tl] = [], []
-            for e, pr, n in zip(np.asarray(p.experts).tolist(), np.asarray(p.prob).tolist(),
-                                np.asarray(p.counts).tolist()):
-                if cache.contains(tl, e):
-                    h.append(n)
-                else:
-                    r.append(n)
-                    pc = self.calibrated(tl, d, pr)
-                    if pc > 0:
-                        cands.append((tl, e, pc, n))
-            protect[tl] = p.experts
+        fits = {tl: p for tl, p in predictions.items()
+                if 1 <= tl - layer <= self.horizon and idle_before.get(tl, 0.0) > 0.0}
+        hits, rest, per_layer = self._split(layer, fits, cache, self.calibrated)
+        cands = [c for lc in per_layer.values() for c in lc]  # (layer, expert, calibrated prob, count)
+        protect: dict[int, np.ndarray] = {tl: p.experts for tl, p in fits.items()}
         if not cands:
             return []
         nxt = layer + 1
