@@ -205,17 +205,15 @@ def main() -> int:
             tr = tr.subset(slice(0, a.max_tokens))
         costs = CostModel.paper_a6000(model)
         t0 = time.time()
+        head = {"label": label, "trace": tr.name, "tokens": tr.n_tokens, "layers": tr.n_layers,
+                "top_k": tr.top_k, "experts": tr.n_experts, "costs": costs.name}
         if a.prefetch:
             print(f"## {label}: {tr.n_tokens} tokens, prefetch modes (hybrid)", flush=True)
-            out["sets"].append({"label": label, "trace": tr.name, "tokens": tr.n_tokens, "layers": tr.n_layers,
-                                "top_k": tr.top_k, "experts": tr.n_experts, "costs": costs.name,
-                                "prefetch": prefetch_table(tr, costs)})
+            out["sets"].append({**head, "prefetch": prefetch_table(tr, costs)})
             continue
         if a.admission_only:
             print(f"## {label}: {tr.n_tokens} tokens, admission policies (hybrid)", flush=True)
-            out["sets"].append({"label": label, "trace": tr.name, "tokens": tr.n_tokens, "layers": tr.n_layers,
-                                "top_k": tr.top_k, "experts": tr.n_experts, "costs": costs.name,
-                                "admission": admission_table(tr, costs)})
+            out["sets"].append({**head, "admission": admission_table(tr, costs)})
             continue
         rows = sweep(tr, costs, predictor="learned")
         cap25 = max(tr.top_k, round(0.25 * tr.n_experts))
@@ -242,9 +240,7 @@ def main() -> int:
                 for o in extra), sep="\n  ")
         print("schedules at 25%, mrs, no prefetch:",
               *(f"{s['schedule']:>10} {s['ms_per_token']:8.3f} ms/token" for s in sched), sep="\n  ")
-        out["sets"].append({"label": label, "trace": tr.name, "tokens": tr.n_tokens, "layers": tr.n_layers,
-                            "top_k": tr.top_k, "experts": tr.n_experts, "costs": costs.name,
-                            "costs_model": json.loads(costs.to_json()), "rows": rows, "prefetch_variants": extra,
+        out["sets"].append({**head, "costs_model": json.loads(costs.to_json()), "rows": rows, "prefetch_variants": extra,
                             "schedules": sched})
     out["bench"] = "sim_policies"
     if a.prefetch:
